@@ -1,0 +1,241 @@
+"""Typed configuration shared by the CLI, the Ray jobs and the Serve service.
+
+One YAML file (see ``raycache/default_config.yaml``) holds a section per stage; every field can be
+overridden by a CLI flag of the same name (``--batch-size 64`` for ``batch_size``). Each stage's
+``run(cfg)`` takes exactly one of the models below, so a job script, a CLI subcommand and a test
+all build the same object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid; the message names the field."""
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EncoderConfig(_Base):
+    """Which sentence encoder to use and how to run it."""
+
+    model: Optional[str] = Field(
+        None, description="Model folder or hub id; None = the embedded all-MiniLM-L6-v2."
+    )
+    max_length: int = Field(64, ge=8, le=8192, description="Max tokens per prompt (truncated beyond).")
+    batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
+    device: str = Field("auto", description="'auto' (cuda if present), 'cpu' or 'cuda[:N]'.")
+
+
+class GenerateConfig(_Base):
+    """The embedded default workload (see raycache.workload)."""
+
+    out: str = Field("runs/data", description="Output folder for prompts/pairs/stream JSONL.")
+    seed: int = 0
+    n_train_pairs: int = Field(4000, ge=10)
+    n_test_pairs: int = Field(1500, ge=10)
+    n_arrivals: int = Field(5000, ge=10)
+
+
+class ReadConfig(_Base):
+    """How to read an input table (shared by every stage that reads one)."""
+
+    columns: Optional[str] = Field(None, description="Column mapping 'ours=theirs,...'.")
+    skip_invalid: bool = Field(False, description="Count and skip invalid rows instead of failing.")
+
+
+class MineConfig(_Base):
+    """Candidate pair mining: k nearest neighbours under the base encoder plus random pairs."""
+
+    prompts: str = Field(..., description="Prompt file or folder (prompt[, answers, group]).")
+    out: str = Field(..., description="Output pair file (.parquet or .jsonl).")
+    encoder: EncoderConfig = EncoderConfig()
+    read: ReadConfig = ReadConfig()
+    k: int = Field(5, ge=1, description="Nearest neighbours per prompt.")
+    random_per_prompt: float = Field(1.0, ge=0, description="Random pairs per prompt (expected).")
+    min_similarity: float = Field(-1.0, description="Drop kNN pairs below this cosine.")
+    num_actors: int = Field(1, ge=1, description="Embedding actors (size so Ray Data progresses).")
+    seed: int = 0
+
+
+class LabelConfig(_Base):
+    """Teacher labeling of candidate pairs."""
+
+    pairs: str = Field(..., description="Pair file or folder (prompt_a, prompt_b[, answers_*, group_*]).")
+    out: str = Field(..., description="Output folder of Parquet shards (resumable).")
+    read: ReadConfig = ReadConfig()
+    teacher: Literal["reference", "hf", "openai", "vllm"] = "reference"
+    teacher_model: Optional[str] = Field(None, description="Model folder/hub id (hf, vllm) or name (openai).")
+    endpoint: Optional[str] = Field(None, description="OpenAI-compatible base URL (openai backend).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the endpoint's API key.")
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1, description="Actors (hf/vllm) or in-flight requests (openai).")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="Fail the job above this error rate.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(2048, ge=64)
+    max_prompt_chars: int = Field(4000, ge=16, description="Longer pairs get error='context too long'.")
+
+
+class TrainConfig(_Base):
+    """Distillation fine-tuning of the encoder (Ray Train TorchTrainer)."""
+
+    pairs: str = Field(..., description="Labelled training pairs (prompt_a, prompt_b, label).")
+    val_pairs: Optional[str] = Field(None, description="Held-out labelled pairs for per-epoch AUC.")
+    out: str = Field(..., description="Output folder: model/, checkpoints, train_metrics.json, plot.")
+    encoder: EncoderConfig = EncoderConfig()
+    read: ReadConfig = ReadConfig()
+    loss: Literal["bce", "sld"] = "bce"
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=2, description="Pairs per step per worker.")
+    lr: float = Field(5e-5, gt=0, description="Encoder learning rate.")
+    head_lr: float = Field(1e-2, gt=0, description="Similarity-head learning rate.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    init_scale: float = Field(0.1, gt=0, description="Initial λ of sigmoid(cos/λ − c).")
+    init_bias: float = Field(7.0, description="Initial c of sigmoid(cos/λ − c).")
+    sld_eps: float = Field(0.01, gt=0, lt=0.5, description="SLD clips targets to [ε, 1−ε].")
+    workers: int = Field(1, ge=1)
+    gpu: bool = False
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
+    resume: bool = Field(False, description="Continue a stopped run from its latest checkpoint.")
+    max_pairs: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
+    use_ray_data: bool = Field(True, description="Feed workers from Ray Data (else in-memory).")
+    seed: int = 0
+
+
+class EvaluateConfig(_Base):
+    """ROC/PR evaluation of cosine similarity for one or more models."""
+
+    pairs: str = Field(..., description="Labelled pair file.")
+    out: str = Field(..., description="Output folder: metrics.json, roc.png, pr.png.")
+    models: list[str] = Field(default_factory=list, description="Model folders; empty = default.")
+    encoder: EncoderConfig = EncoderConfig()
+    read: ReadConfig = ReadConfig()
+    thresholds: list[float] = Field(default_factory=lambda: [0.7, 0.8, 0.9])
+
+
+class CacheConfig(_Base):
+    """The cache engine: index, capacity/eviction, TTL, decision policy, persistence."""
+
+    index: Literal["flat", "hnsw"] = Field("flat", description="Exact search or HNSW (large caches).")
+    capacity: Optional[int] = Field(100_000, ge=1, description="Max entries (LRU eviction); None = unbounded.")
+    ttl_s: Optional[float] = Field(None, gt=0, description="Default per-entry time to live, seconds.")
+    policy: Literal["static", "calibrated"] = "static"
+    threshold: float = Field(0.9, ge=-1, le=1, description="Cosine threshold (static policy).")
+    target_false_hit: float = Field(0.02, gt=0, lt=1, description="δ for the calibrated policy.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
+    calibration_pairs: Optional[str] = Field(None, description="Labelled pairs for calibration.")
+    exact_tier: bool = Field(True, description="Answer normalised exact repeats without encoding.")
+    persist_path: Optional[str] = Field(None, description="Snapshot file; None = in-memory only.")
+    persist_interval_s: float = Field(30.0, gt=0)
+
+
+class ServeConfig(_Base):
+    """The Ray Serve embedding-plus-cache HTTP service."""
+
+    encoder: EncoderConfig = EncoderConfig()
+    cache: CacheConfig = CacheConfig()
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless told otherwise).")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = Field("RAYCACHE_API_KEY", description="Env var with the API key; unset = open.")
+    upstream: Optional[str] = Field(None, description="OpenAI-compatible base URL for cache misses.")
+    upstream_api_key_env: str = Field("UPSTREAM_API_KEY")
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_prompt_chars: int = Field(8000, ge=1)
+    max_batch_prompts: int = Field(256, ge=1)
+    embedder_min_replicas: int = Field(1, ge=0)
+    embedder_max_replicas: int = Field(2, ge=1)
+    embedder_num_cpus: float = Field(0.5, gt=0)
+    embedder_num_gpus: float = Field(0.0, ge=0)
+    serve_batch_size: int = Field(64, ge=1)
+    serve_batch_wait_s: float = Field(0.005, ge=0)
+    blocking: bool = Field(True, description="Keep the process alive serving until Ctrl-C.")
+
+
+class SimulateConfig(_Base):
+    """Replay a prompt stream through the cache, offline or against a live endpoint."""
+
+    stream: str = Field(..., description="Stream file or folder of shards (arrival order).")
+    out: str = Field(..., description="Output folder: simulation.json, hit_vs_false_hit.png.")
+    models: list[str] = Field(default_factory=list, description="Model folders; empty = default.")
+    encoder: EncoderConfig = EncoderConfig()
+    cache: CacheConfig = CacheConfig(capacity=None)
+    read: ReadConfig = ReadConfig()
+    threshold: Optional[float] = Field(None, description="One threshold; None = sweep.")
+    delta: float = Field(0.02, gt=0, lt=1, description="Headline: hit rate at false-hit rate ≤ δ.")
+    endpoint: Optional[str] = Field(None, description="Live mode: base URL of a running service.")
+    api_key_env: str = Field("RAYCACHE_API_KEY")
+    concurrency: int = Field(2, ge=1, description="Live mode: HTTP client actors.")
+    rate: Optional[float] = Field(None, gt=0, description="Live mode: max arrivals/s overall.")
+    duration: Optional[float] = Field(None, gt=0, description="Live mode: stop after this many seconds.")
+    lookup_batch: int = Field(32, ge=1, description="Live mode: prompts per batched lookup.")
+    embeddings: Optional[str] = Field(None, description="Precomputed embeddings (.npy) for the stream.")
+
+
+class PipelineConfig(_Base):
+    """The main job: generate → mine → label → train (BCE, SLD) → evaluate → serve + live replay."""
+
+    out: str = Field("runs/pipeline", description="Report folder.")
+    quick: bool = Field(False, description="A smaller, faster run.")
+    from_stage: Optional[str] = Field(None, description="Rerun from this stage (reuses earlier outputs).")
+    generate: GenerateConfig = GenerateConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    cache: CacheConfig = CacheConfig()
+    epochs: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1)
+    delta: float = Field(0.02, gt=0, lt=1)
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    """Read a YAML config file into a dict (empty dict for None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return data
+
+
+def build_config(model: type[_Base], *layers: dict[str, Any]) -> Any:
+    """Merge dict layers (later wins, nested dicts merged) and validate into ``model``.
+
+    Raises ConfigError naming every invalid field.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_update(merged, layer or {})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or model.__name__}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {model.__name__}: {problems}") from None

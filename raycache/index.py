@@ -1,0 +1,142 @@
+"""Vector indexes over L2-normalised float32 vectors (inner product = cosine), backed by FAISS.
+
+FAISS is used rather than hand-written search: its flat inner-product kernel is BLAS-backed and its
+HNSW graph is the standard ANN structure. Both indexes map caller-chosen int64 ids to vectors and
+support incremental ``add`` / ``remove`` (HNSW removes by tombstone, filtered at search time).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import faiss
+import numpy as np
+
+
+class VectorIndex(Protocol):
+    """Incremental id -> vector index. Vectors [n, dim] float32, ids [n] int64."""
+
+    dim: int
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def remove(self, ids: np.ndarray) -> None: ...
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """-> (similarities [m, k] float32, ids [m, k] int64); missing slots are (-inf, -1)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+
+def _as_vectors(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape [n, {dim}], got {x.shape}")
+    return x
+
+
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
+class FlatIndex:
+    """Exact inner-product search (faiss IndexFlatIP behind an id map)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vecs, ids = _as_vectors(vectors, self.dim), _as_ids(ids)
+        if len(ids) != len(vecs):
+            raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        self._index.add_with_ids(vecs, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = _as_ids(ids)
+        if len(ids):
+            self._index.remove_ids(ids)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_vectors(queries, self.dim)
+        if self._index.ntotal == 0:
+            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+        sims, ids = self._index.search(q, k)
+        sims[ids < 0] = -np.inf
+        return sims, ids
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def reset(self) -> None:
+        self._index.reset()
+
+
+class HNSWIndex:
+    """Approximate search with an HNSW graph; removal by tombstones (compacted on demand).
+
+    ``m``: graph degree; ``ef_search``: search breadth (recall vs latency).
+    """
+
+    def __init__(self, dim: int, m: int = 32, ef_construction: int = 80, ef_search: int = 64):
+        self.dim, self.m, self.ef_construction, self.ef_search = dim, m, ef_construction, ef_search
+        self.reset()
+
+    def reset(self) -> None:
+        base = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = self.ef_construction
+        base.hnsw.efSearch = self.ef_search
+        self._base = base
+        self._index = faiss.IndexIDMap(base)
+        self._dead: set[int] = set()
+        self._live = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vecs, ids = _as_vectors(vectors, self.dim), _as_ids(ids)
+        if len(ids) != len(vecs):
+            raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        self._dead.difference_update(ids.tolist())
+        self._index.add_with_ids(vecs, ids)
+        self._live += len(ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        for i in _as_ids(ids).tolist():
+            if i not in self._dead:
+                self._dead.add(i)
+                self._live -= 1
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_vectors(queries, self.dim)
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        if self._live <= 0:
+            return out_s, out_i
+        extra = min(len(self._dead), 64)
+        sims, ids = self._index.search(q, k + extra)
+        for r in range(len(q)):
+            j = 0
+            for s, i in zip(sims[r], ids[r]):
+                if i < 0 or int(i) in self._dead:
+                    continue
+                out_s[r, j], out_i[r, j] = s, i
+                j += 1
+                if j == k:
+                    break
+        return out_s, out_i
+
+    def __len__(self) -> int:
+        return max(self._live, 0)
+
+
+def make_index(kind: str, dim: int) -> VectorIndex:
+    """'flat' (exact, default) or 'hnsw' (approximate, for large caches)."""
+    if kind == "flat":
+        return FlatIndex(dim)
+    if kind == "hnsw":
+        return HNSWIndex(dim)
+    raise ValueError(f"unknown index kind {kind!r}; expected 'flat' or 'hnsw'")
