@@ -93,6 +93,8 @@ def build_parser(stage: str, prog: str | None = None) -> tuple[argparse.Argument
         short = path[-1].replace("_", "-")
         if path == ("models",):
             short = "model"
+        if path == ("from_stage",):
+            flags.append("--from")
         if (len(path) == 1 or counts[path[-1]] == 1) and short.replace("-", "_") not in taken:
             flags.append(f"--{short}")
             taken.add(short.replace("-", "_"))

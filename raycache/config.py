@@ -83,6 +83,10 @@ class LabelConfig(_Base):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(2048, ge=64)
     max_prompt_chars: int = Field(4000, ge=16, description="Longer pairs get error='context too long'.")
+    device: str = Field("auto", description="hf teacher: 'auto' (cuda if the node has one), 'cpu', 'cuda[:N]'.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="openai/vllm: alternatives returned per token.")
+    backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, s (doubles; Retry-After wins).")
+    rows_per_shard: int = Field(10_000, ge=1, description="Rows per output Parquet shard (unit of resume).")
 
 
 class TrainConfig(_Base):
@@ -188,13 +192,17 @@ class PipelineConfig(_Base):
 
     out: str = Field("runs/pipeline", description="Report folder.")
     quick: bool = Field(False, description="A smaller, faster run.")
-    from_stage: Optional[str] = Field(None, description="Rerun from this stage (reuses earlier outputs).")
+    from_stage: Optional[str] = Field(
+        None, description="Rerun from this stage (generate, mine, label, train, evaluate, simulate, live).")
     generate: GenerateConfig = GenerateConfig()
     encoder: EncoderConfig = EncoderConfig()
     cache: CacheConfig = CacheConfig()
+    losses: list[Literal["bce", "sld"]] = Field(default_factory=lambda: ["bce", "sld"],
+                                                description="Fine-tune once per loss (the first is served).")
     epochs: int = Field(2, ge=1)
+    max_train_pairs: int = Field(4000, ge=10, description="Cap on mined pairs used for fine-tuning.")
     workers: int = Field(1, ge=1)
-    delta: float = Field(0.02, gt=0, lt=1)
+    delta: float = Field(0.02, gt=0, lt=1, description="Headline: hit rate at false-hit rate ≤ δ.")
 
 
 def _deep_update(base: dict, new: dict) -> dict:

@@ -74,6 +74,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.
 
 def _load_transformer(source: str, **kwargs):
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the dropped pooler's "unexpected keys" report is expected
 
     try:  # BERT-style models: drop the unused pooler (it breaks DDP: unused parameters)
         return AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
@@ -103,14 +106,14 @@ class Encoder(torch.nn.Module):
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str = "auto",
              max_length: int = 64) -> "Encoder":
-        """Load from a folder, a hub id, or (None) the embedded default all-MiniLM-L6-v2.
+        """Load from a folder, a hub id, or (None / "default") the embedded all-MiniLM-L6-v2.
 
         Hub ids download when online; offline, only the local hub cache is used and a clear
         EncoderError says how to get the model.
         """
         from transformers import AutoTokenizer
 
-        source = str(default_model_path()) if model is None else str(model)
+        source = str(default_model_path()) if model in (None, "", "default") else str(model)
         folder = Path(source) if Path(source).exists() else None
         if folder is None and source.startswith(("/", "./", "../", "~")):
             raise EncoderError(f"model folder not found: {source}")

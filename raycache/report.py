@@ -1,0 +1,155 @@
+"""The pipeline's report: report.md and report.html (plots inline), from files the run wrote.
+
+Nothing here computes a figure: every number is read from the stage outputs (``stages.json``,
+``eval/metrics.json``, ``simulation/simulation.json``, ``train_*/train_metrics.json``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import os
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def machine() -> str:
+    """A one-line description of this machine (for dating results)."""
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # pragma: no cover
+        gpu = "no GPU"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+
+
+def build_markdown(lay, stages: dict, cfg, total_s: float) -> tuple[str, list[Path]]:
+    """The report text and the plot files it refers to."""
+    parts = [f"# raycache pipeline report\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
+             f"{machine()} · total {total_s / 60:.1f} min · {'quick' if cfg.quick else 'full'} run\n"]
+    parts.append("## Stages\n\n" + _table(["stage", "seconds"], [[k, v["seconds"]] for k, v in stages.items()]))
+    gen = stages.get("generate", {}).get("result", {})
+    mine = stages.get("mine", {}).get("result", {})
+    label = stages.get("label", {}).get("result", {})
+    if gen or mine or label:
+        parts.append("## Data\n\n" + _table(["what", "value"], [
+            ["prompts (all / train split)", f"{gen.get('prompts')} / {gen.get('train_prompts')}"],
+            ["groups (distinct answers)", gen.get("groups")],
+            ["mined pairs (kNN / random)", f"{mine.get('knn_pairs')} / {mine.get('random_pairs')}"],
+            ["labelled pairs, positive rate", f"{label.get('labelled')}, {_fmt(label.get('positive_rate'))}"],
+            ["teacher errors", label.get("errors")],
+        ]))
+    plots: list[Path] = []
+    rows = []
+    for loss in cfg.losses:
+        tm = _read(lay.train_dir(loss) / "train_metrics.json")
+        if tm:
+            epochs = tm.get("epochs") or []
+            last = epochs[-1] if epochs else {}
+            rows.append([loss, tm.get("base_val_auc"), tm.get("best_val_auc", last.get("val_auc")),
+                         last.get("pairs_per_s"), tm.get("train_seconds", tm.get("seconds"))])
+            if (lay.train_dir(loss) / "training.png").exists():
+                plots.append(lay.train_dir(loss) / "training.png")
+    if rows:
+        parts.append("## Fine-tuning (validation = generator's train-split hard pairs)\n\n"
+                     + _table(["loss", "val AUC before", "best val AUC", "pairs/s", "seconds"], rows))
+    metrics = _read(lay.eval / "metrics.json")
+    if metrics:
+        parts.append("## Evaluation on the test split's hard pairs (groups unseen in training)\n\n" + _table(
+            ["model", "ROC-AUC", "average precision", "best F1", "at threshold"],
+            [[name, m["auc"], m["average_precision"], m["best_f1"], m["best_f1_threshold"]]
+             for name, m in metrics.items()]))
+        plots += [lay.eval / "roc.png", lay.eval / "pr.png"]
+    sim = _read(lay.sim / "simulation.json")
+    if sim.get("models"):
+        rows = []
+        for name, entry in sim["models"].items():
+            h = entry.get("headline", {}) or {}
+            rows.append([name, h.get("hit_rate"), h.get("false_hit_rate"), h.get("correct_hit_rate"),
+                         h.get("threshold"), entry.get("oracle_hit_rate", sim.get("oracle_hit_rate"))])
+        parts.append(f"## Offline cache simulation (test-split stream, {sim.get('arrivals', '?')} arrivals)\n\n"
+                     f"Headline: hit rate at false-hit rate ≤ {cfg.delta:g}.\n\n" + _table(
+                         ["model", "hit rate", "false-hit rate", "correct-hit rate", "threshold", "oracle hit rate"],
+                         rows))
+        for png in sorted(lay.sim.glob("*.png")):
+            plots.append(png)
+    live = stages.get("live", {}).get("result", {})
+    if live:
+        lat = live.get("latency_ms", {}) or {}
+        parts.append("## Live replay against the Ray Serve service\n\n" + _table(["what", "value"], [
+            ["model served / threshold", f"{live.get('model')} / {_fmt(live.get('threshold'))}"],
+            ["service start-up (s)", live.get("startup_s")],
+            ["arrivals", live.get("arrivals")],
+            ["hit rate / false-hit rate", f"{_fmt(live.get('hit_rate'))} / {_fmt(live.get('false_hit_rate'))}"],
+            ["throughput (arrivals/s)", live.get("throughput")],
+            ["lookup latency p50 / p95 / p99 (ms)",
+             f"{_fmt(lat.get('p50'), 1)} / {_fmt(lat.get('p95'), 1)} / {_fmt(lat.get('p99'), 1)}"],
+        ]))
+    parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(lay.out)})" for p in plots if p.exists()))
+    return "\n\n".join(parts) + "\n", [p for p in plots if p.exists()]
+
+
+def _markdown_to_html(md: str, out: Path) -> str:
+    """Minimal renderer for the report's own markdown (headings, tables, paragraphs, images inline)."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [r.strip().strip("|").split("|") for r in table if not set(r) <= set("|-: ")]
+            body.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
+                                 for c in row) + "</tr>" for i, row in enumerate(rows)) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("![") and "](" in line:
+            rel = line[line.index("](") + 2:-1]
+            data = base64.b64encode((out / rel).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(rel)}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:4px}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>raycache report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>"
+
+
+def write_report(lay, stages: dict, cfg, total_s: float) -> Path:
+    """Write report.md, report.html, metrics.json and simulation.json at the top of the report folder."""
+    md, _ = build_markdown(lay, stages, cfg, total_s)
+    (lay.out / "report.md").write_text(md)
+    (lay.out / "report.html").write_text(_markdown_to_html(md, lay.out))
+    for src, name in ((lay.eval / "metrics.json", "metrics.json"), (lay.sim / "simulation.json", "simulation.json")):
+        if src.exists():
+            shutil.copyfile(src, lay.out / name)
+    return lay.out / "report.md"
