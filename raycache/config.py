@@ -87,6 +87,7 @@ class LabelConfig(_Base):
     top_logprobs: int = Field(20, ge=1, le=20, description="openai/vllm: alternatives returned per token.")
     backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, s (doubles; Retry-After wins).")
     rows_per_shard: int = Field(10_000, ge=1, description="Rows per output Parquet shard (unit of resume).")
+    retry_errors: bool = Field(False, description="On resume, relabel pairs whose earlier attempt failed.")
 
 
 class TrainConfig(_Base):
@@ -110,6 +111,9 @@ class TrainConfig(_Base):
     sld_eps: float = Field(0.01, gt=0, lt=0.5, description="SLD clips targets to [ε, 1−ε].")
     workers: int = Field(1, ge=1)
     gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per training worker.")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="Torch threads per worker; None = cpus_per_worker (at least 1).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     resume: bool = Field(False, description="Continue a stopped run from its latest checkpoint.")
     max_pairs: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
@@ -165,6 +169,8 @@ class ServeConfig(_Base):
     serve_batch_size: int = Field(64, ge=1)
     serve_batch_wait_s: float = Field(0.005, ge=0)
     blocking: bool = Field(True, description="Keep the process alive serving until Ctrl-C.")
+    write_serve_config: Optional[str] = Field(
+        None, description="Write a `serve deploy` YAML for this config to this path and exit.")
 
 
 class SimulateConfig(_Base):
@@ -181,10 +187,19 @@ class SimulateConfig(_Base):
     endpoint: Optional[str] = Field(None, description="Live mode: base URL of a running service.")
     api_key_env: str = Field("RAYCACHE_API_KEY")
     concurrency: int = Field(2, ge=1, description="Live mode: HTTP client actors.")
-    rate: Optional[float] = Field(None, gt=0, description="Live mode: max arrivals/s overall.")
+    rate: Optional[float] = Field(None, gt=0, description=(
+        "Live mode: max arrivals/s overall. Offline: the simulated arrival rate TTLs expire on "
+        "(default 1/s) when the stream has no 'timestamp' column."))
     duration: Optional[float] = Field(None, gt=0, description="Live mode: stop after this many seconds.")
     lookup_batch: int = Field(32, ge=1, description="Live mode: prompts per batched lookup.")
     embeddings: Optional[str] = Field(None, description="Precomputed embeddings (.npy) for the stream.")
+    thresholds: list[float] = Field(default_factory=list,
+                                    description="Sweep grid; empty = 0.30…0.99 step 0.01, plus 0.995.")
+    replay: Literal["auto", "vectorized", "engine"] = Field(
+        "auto", description="Offline replay: vectorized where exact, else the engine one by one.")
+    chunk_size: int = Field(2048, ge=16, description="Offline: arrivals per vectorized chunk.")
+    timeout_s: float = Field(30.0, gt=0, description="Live mode: HTTP timeout per request.")
+    max_retries: int = Field(6, ge=0, description="Live mode: retries (with backoff) on errors/5xx.")
 
 
 class PipelineConfig(_Base):
@@ -247,3 +262,60 @@ def build_config(model: type[_Base], *layers: dict[str, Any]) -> Any:
             for err in exc.errors()
         )
         raise ConfigError(f"invalid {model.__name__}: {problems}") from None
+
+
+def _yaml_lines(model: type[_Base], indent: int = 0) -> list[str]:
+    pad = "  " * indent
+    lines = []
+    for name, field in model.model_fields.items():
+        tp = field.annotation
+        inner = [a for a in getattr(tp, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            inner = [tp]
+        note = f"  # {field.description}" if field.description else ""
+        if inner:
+            lines.append(f"{pad}{name}:{note}")
+            lines += _yaml_lines(inner[0], indent + 1)
+            continue
+        if field.is_required():
+            lines.append(f"{pad}{name}: null  # required.{note[3:] and ' ' + note[4:]}")
+            continue
+        default = field.get_default(call_default_factory=True)
+        dumped = yaml.safe_dump(default, default_flow_style=True).strip()
+        if dumped.endswith("\n..."):
+            dumped = dumped[:-4].strip()
+        dumped = dumped.removesuffix("...").strip()
+        lines.append(f"{pad}{name}: {dumped}{note}")
+    return lines
+
+
+SECTIONS: dict[str, type[_Base]] = {
+    "encoder": EncoderConfig, "cache": CacheConfig, "read": ReadConfig,
+    "generate": GenerateConfig, "mine": MineConfig, "label": LabelConfig, "train": TrainConfig,
+    "evaluate": EvaluateConfig, "serve": ServeConfig, "simulate": SimulateConfig, "pipeline": PipelineConfig,
+}
+
+
+def default_config_yaml() -> str:
+    """The documented default config: shared sections (encoder, cache, read) then one per stage.
+
+    A stage's own ``encoder`` / ``cache`` / ``read`` keys override the shared sections.
+    """
+    out = ["# raycache configuration: every field with its default. Generated by",
+           "# `python -c 'from raycache.config import default_config_yaml; print(default_config_yaml())'`.",
+           "# Shared sections (encoder, cache, read) apply to every stage that has them; CLI flags override all."]
+    for section, model in SECTIONS.items():
+        out.append("")
+        out.append(f"{section}:  # {(model.__doc__ or '').strip().splitlines()[0]}")
+        skip = {"encoder", "cache", "read"} if section not in ("encoder", "cache", "read") else set()
+        lines = _yaml_lines(model, 1)
+        # nested shared sections are documented once, at top level
+        kept, drop = [], False
+        for line in lines:
+            key = line.strip().split(":", 1)[0]
+            if line.startswith("  ") and not line.startswith("    "):
+                drop = key in skip
+            if not drop:
+                kept.append(line)
+        out += kept
+    return "\n".join(out) + "\n"
