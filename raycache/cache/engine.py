@@ -1,0 +1,482 @@
+"""SemanticCache: ``check(prompt)`` -> hit or miss, ``store(prompt, response)``.
+
+The engine composes swappable parts and needs no Ray:
+
+* an encoder (anything with ``encode(list[str]) -> float32 [n, dim]``; None when callers always pass
+  vectors),
+* one vector index per scope (``raycache.index``: exact ``flat`` by default, ``hnsw`` for large
+  caches), so a lookup can only ever see entries of its own scope,
+* the entry store with the exact tier (normalised-text hash per scope, answered without encoding),
+* LRU capacity + per-entry TTL eviction, and a decision policy (static or calibrated threshold).
+
+Entry ids are fresh, monotonically increasing int64s (never reused, as HNSW removes by tombstone).
+Lookups split in two (``begin_lookup`` / ``complete_lookup``) so an async caller can compute the
+vectors elsewhere (the Serve embedder) without holding the cache lock; ``check_batch`` runs both
+halves with the local encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from raycache.cache.eviction import LRUEviction
+from raycache.cache.persist import Snapshot, SnapshotError, read_snapshot, write_snapshot
+from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
+from raycache.cache.scope import Scope, make_scope
+from raycache.cache.store import Entry, EntryStore, text_key
+from raycache.config import CacheConfig, ConfigError
+from raycache.index import VectorIndex, make_index
+
+logger = logging.getLogger(__name__)
+
+LATENCY_WINDOW = 10_000  # lookups kept for the latency percentiles
+
+IndexFactory = Callable[[int], VectorIndex]
+Histories = Optional[Sequence[Optional[Sequence[Any]]]]
+
+
+@dataclass
+class LookupResult:
+    """Outcome of one lookup. ``similarity``: cosine to the nearest entry of the scope (1.0 for an
+    exact-tier hit; on a miss the best similarity seen, None when the scope was empty)."""
+
+    hit: bool
+    response: Optional[str]
+    similarity: Optional[float]
+    matched_prompt: Optional[str]
+    entry_id: Optional[int]
+    exact: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MISS = LookupResult(hit=False, response=None, similarity=None, matched_prompt=None, entry_id=None)
+
+
+@dataclass
+class PendingLookup:
+    """First half of a batch lookup: exact-tier and empty-scope answers are final; the prompts at
+    positions ``need`` still need vectors (``texts``, in that order)."""
+
+    prompts: list[str]
+    scopes: list[Scope]
+    results: list[Optional[LookupResult]]
+    need: list[int]
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.prompts[i] for i in self.need]
+
+
+def _check_prompts(prompts: Sequence[str], what: str = "prompt") -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError(f"expected a list of {what}s, got one string")
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if not isinstance(p, str):
+            raise TypeError(f"{what} {i} must be a string, got {type(p).__name__}")
+        if what == "prompt" and not p.strip():
+            raise ValueError(f"prompt {i} is empty")
+    return out
+
+
+def _per_item(value: Any, n: int, name: str, scalar_types: tuple) -> list:
+    if value is None or isinstance(value, scalar_types):
+        return [value] * n
+    out = list(value)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} {name} for {n} prompts")
+    return out
+
+
+def _unit_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
+    """Validate [n, dim] (a single [dim] vector when n == 1) and L2-normalise rows."""
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim == 1 and n == 1:
+        x = x[None, :]
+    if x.shape != (n, dim):
+        raise ValueError(f"expected vectors of shape ({n}, {dim}), got {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("vectors must be finite and non-zero")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def _percentiles(samples: Sequence[float]) -> dict:
+    if not samples:
+        return {"p50": None, "p95": None, "p99": None, "count": 0}
+    p50, p95, p99 = np.percentile(np.asarray(samples), [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+            "count": len(samples)}
+
+
+class SemanticCache:
+    """Semantic prompt cache over one index per scope. Thread-safe (one re-entrant lock).
+
+    ``index``: 'flat' | 'hnsw' or a factory ``dim -> VectorIndex``; ``clock``: seconds (TTL and
+    timestamps; inject a fake one in tests); ``model_tag``: which encoder produced the vectors
+    (stored in snapshots; restoring one from another encoder is refused).
+    """
+
+    def __init__(self, encoder: Any, dim: int, index: Union[str, IndexFactory] = "flat",
+                 store: Optional[EntryStore] = None, eviction: Optional[LRUEviction] = None,
+                 policy: Optional[DecisionPolicy] = None, exact_tier: bool = True,
+                 clock: Callable[[], float] = time.time, model_tag: Optional[str] = None):
+        if not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.encoder = encoder
+        self.dim = int(dim)
+        if isinstance(index, str):
+            self.index_kind = index
+            make_index(index, 1)  # validates the kind now rather than at the first insert
+            self._new_index: IndexFactory = lambda d, kind=index: make_index(kind, d)
+        else:
+            self.index_kind, self._new_index = getattr(index, "__name__", "custom"), index
+        self.entries = store if store is not None else EntryStore()
+        self.eviction = eviction if eviction is not None else LRUEviction()
+        self.policy = policy if policy is not None else StaticThreshold(0.9)
+        self.exact_tier = exact_tier
+        self.clock = clock
+        self.model_tag = model_tag
+        self.version = 0  # bumped on every change (the periodic snapshot saves when it moved)
+        self._indexes: dict[Scope, VectorIndex] = {}
+        self._next_id = 1
+        self._lock = threading.RLock()
+        self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "stores",
+                                      "replaced", "evictions", "expirations"), 0)
+        self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: CacheConfig, encoder: Any = None, dim: Optional[int] = None,
+                    policy: Optional[DecisionPolicy] = None, model_tag: Optional[str] = None,
+                    clock: Callable[[], float] = time.time) -> "SemanticCache":
+        """Build from a :class:`CacheConfig` (persistence is the caller's: see ``save``/``restore``).
+
+        ``dim`` defaults to ``encoder.dim``; ``policy`` overrides the configured one (the calibrated
+        policy is fitted here on ``cfg.calibration_pairs`` with ``encoder`` otherwise).
+        """
+        if dim is None:
+            if encoder is None:
+                raise ValueError("from_config needs an encoder or an explicit dim")
+            dim = int(getattr(encoder, "dim", None) or np.asarray(encoder.encode(["dim"])).shape[1])
+        if policy is None:
+            policy = policy_from_config(cfg, encoder)
+        return cls(encoder, dim, index=cfg.index, eviction=LRUEviction(cfg.capacity, cfg.ttl_s),
+                   policy=policy, exact_tier=cfg.exact_tier, clock=clock,
+                   model_tag=model_tag if model_tag is not None else getattr(encoder, "source", None))
+
+    # ------------------------------------------------------------------ lookups
+    def check(self, prompt: str, namespace: str = "default", history: Optional[Sequence[Any]] = None,
+              vector: Optional[np.ndarray] = None) -> LookupResult:
+        """Look one prompt up in its scope (namespace + history)."""
+        return self.check_batch([prompt], namespace, None if history is None else [history],
+                                None if vector is None else np.asarray(vector).reshape(1, -1))[0]
+
+    def check_batch(self, prompts: Sequence[str], namespaces: Union[str, Sequence[str]] = "default",
+                    histories: Histories = None, vectors: Optional[np.ndarray] = None) -> list[LookupResult]:
+        """Look prompts up; ``vectors`` [n, dim] skips encoding (else the encoder embeds only the
+        prompts the exact tier did not answer). ``histories``: None or one per prompt."""
+        pending = self.begin_lookup(prompts, namespaces, histories)
+        if vectors is not None:
+            vecs = _unit_vectors(vectors, len(pending.prompts), self.dim)[pending.need]
+        else:
+            vecs = self._encode(pending.texts)
+        return self.complete_lookup(pending, vecs)
+
+    def begin_lookup(self, prompts: Sequence[str], namespaces: Union[str, Sequence[str]] = "default",
+                     histories: Histories = None) -> PendingLookup:
+        """Answer what needs no vector (exact repeats, empty scopes); say which prompts need one."""
+        prompts = _check_prompts(prompts)
+        n = len(prompts)
+        scopes = [make_scope(ns, h) for ns, h in zip(_per_item(namespaces, n, "namespaces", (str,)),
+                                                     _per_item(histories, n, "histories", ()))]
+        keys = [text_key(p) for p in prompts] if self.exact_tier else [None] * n
+        pending = PendingLookup(prompts, scopes, [None] * n, [])
+        with self._lock:
+            now = self.clock()
+            self._purge_expired(now)
+            for i, (scope, key) in enumerate(zip(scopes, keys)):
+                entry = self.entries.find_exact(scope, key) if key is not None else None
+                if entry is not None:
+                    self._touch(entry, now)
+                    pending.results[i] = LookupResult(True, entry.response, 1.0, entry.prompt,
+                                                      entry.entry_id, exact=True)
+                elif scope not in self._indexes:
+                    pending.results[i] = MISS
+                else:
+                    pending.need.append(i)
+        return pending
+
+    def complete_lookup(self, pending: PendingLookup, vectors: Optional[np.ndarray]) -> list[LookupResult]:
+        """Search the scope indexes with the vectors of ``pending.texts`` ([len(need), dim]) and
+        decide with the policy; records stats."""
+        results = list(pending.results)
+        if pending.need:
+            vecs = _unit_vectors(vectors, len(pending.need), self.dim)
+        with self._lock:
+            now = self.clock()
+            self._purge_expired(now)
+            by_scope: dict[Scope, list[int]] = {}
+            for row, i in enumerate(pending.need):
+                by_scope.setdefault(pending.scopes[i], []).append(row)
+            for scope, rows in by_scope.items():
+                index = self._indexes.get(scope)
+                if index is None:  # emptied since begin_lookup
+                    for row in rows:
+                        results[pending.need[row]] = MISS
+                    continue
+                sims, ids = index.search(vecs[rows], 1)
+                for row, sim, entry_id in zip(rows, sims[:, 0], ids[:, 0]):
+                    results[pending.need[row]] = self._decide(float(sim), int(entry_id), now)
+            hits = sum(r.hit for r in results)
+            self._counts["lookups"] += len(results)
+            self._counts["hits"] += hits
+            self._counts["exact_hits"] += sum(r.exact for r in results)
+            self._counts["misses"] += len(results) - hits
+            if results:
+                self._latency_ms.append((time.perf_counter() - pending.started) * 1000.0)
+        return results
+
+    def _decide(self, similarity: float, entry_id: int, now: float) -> LookupResult:
+        entry = self.entries.get(entry_id) if entry_id >= 0 else None
+        if entry is None or not math.isfinite(similarity):
+            return MISS
+        if not self.policy.is_hit(similarity):
+            return LookupResult(False, None, similarity, None, None)
+        self._touch(entry, now)
+        return LookupResult(True, entry.response, similarity, entry.prompt, entry.entry_id)
+
+    def _touch(self, entry: Entry, now: float) -> None:
+        entry.last_access = now
+        self.eviction.touch(entry.entry_id)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        if self.encoder is None:
+            raise ValueError("this cache has no encoder: pass vectors to check/store")
+        return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+
+    # ------------------------------------------------------------------ inserts
+    def store(self, prompt: str, response: str, namespace: str = "default",
+              history: Optional[Sequence[Any]] = None, ttl_s: Optional[float] = None,
+              vector: Optional[np.ndarray] = None) -> int:
+        """Cache ``response`` for ``prompt`` in its scope; returns the new entry id.
+
+        An entry with the same normalised prompt in the same scope is replaced. ``ttl_s`` overrides
+        the default time to live (seconds). May evict least recently used entries.
+        """
+        return self.store_batch([prompt], [response], namespace,
+                                None if history is None else [history], ttl_s,
+                                None if vector is None else np.asarray(vector).reshape(1, -1))[0]
+
+    def store_batch(self, prompts: Sequence[str], responses: Sequence[str],
+                    namespaces: Union[str, Sequence[str]] = "default", histories: Histories = None,
+                    ttl_s: Optional[float] = None, vectors: Optional[np.ndarray] = None) -> list[int]:
+        """``store`` for many prompts (one encoder call); returns entry ids in input order."""
+        prompts, responses = _check_prompts(prompts), _check_prompts(responses, "response")
+        n = len(prompts)
+        if len(responses) != n:
+            raise ValueError(f"{len(responses)} responses for {n} prompts")
+        scopes = [make_scope(ns, h) for ns, h in zip(_per_item(namespaces, n, "namespaces", (str,)),
+                                                     _per_item(histories, n, "histories", ()))]
+        keys = [text_key(p) for p in prompts]
+        vecs = _unit_vectors(self._encode(prompts) if vectors is None else vectors, n, self.dim)
+        ids = []
+        with self._lock:
+            now = self.clock()
+            expires_at = self.eviction.expires_at(now, ttl_s)
+            self._purge_expired(now)
+            for prompt, response, scope, key, vec in zip(prompts, responses, scopes, keys, vecs):
+                previous = self.entries.find_exact(scope, key)
+                if previous is not None and self._drop(previous.entry_id):
+                    self._counts["replaced"] += 1
+                entry = Entry(self._next_id, prompt, response, scope, vec.copy(), now, now,
+                              expires_at, key)
+                self._next_id += 1
+                self._insert(entry)
+                ids.append(entry.entry_id)
+                for victim in self.eviction.pop_over_capacity():
+                    if self._drop(victim):
+                        self._counts["evictions"] += 1
+            self._counts["stores"] += n
+            self.version += 1
+        return ids
+
+    def _insert(self, entry: Entry) -> None:
+        self.entries.add(entry)
+        index = self._indexes.get(entry.scope)
+        if index is None:
+            index = self._indexes[entry.scope] = self._new_index(self.dim)
+        index.add(np.array([entry.entry_id], np.int64), entry.vector[None, :])
+        self.eviction.admit(entry.entry_id, entry.expires_at)
+
+    # ------------------------------------------------------------------ removal
+    def _drop(self, entry_id: int) -> bool:
+        entry = self.entries.remove(entry_id)
+        if entry is None:
+            return False
+        self.eviction.forget(entry_id)
+        if not self.entries.scope_size(entry.scope):
+            del self._indexes[entry.scope]
+        else:
+            self._indexes[entry.scope].remove(np.array([entry_id], np.int64))
+        self.version += 1
+        return True
+
+    def _purge_expired(self, now: float) -> None:
+        for entry_id in self.eviction.pop_expired(now):
+            if self._drop(entry_id):
+                self._counts["expirations"] += 1
+
+    def clear(self, namespace: Optional[str] = None) -> int:
+        """Remove every entry (or those of one namespace, any history); returns how many."""
+        with self._lock:
+            doomed = [e.entry_id for e in self.entries
+                      if namespace is None or e.scope.namespace == namespace]
+            for entry_id in doomed:
+                self._drop(entry_id)
+            return len(doomed)
+
+    # ------------------------------------------------------------------ introspection
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_expired(self.clock())
+            return len(self.entries)
+
+    def stats(self) -> dict:
+        """Counters since start, sizes, the policy, and lookup latency percentiles (ms, the last
+        ``LATENCY_WINDOW`` lookup calls; a batch counts once). JSON-serialisable."""
+        with self._lock:
+            self._purge_expired(self.clock())
+            c = dict(self._counts)
+            return {
+                "entries": len(self.entries), "scopes": len(self._indexes), **c,
+                "semantic_hits": c["hits"] - c["exact_hits"],
+                "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else None,
+                "capacity": self.eviction.capacity, "default_ttl_s": self.eviction.default_ttl_s,
+                "index": self.index_kind, "exact_tier": self.exact_tier,
+                "policy": self.policy.describe(), "lookup_ms": _percentiles(self._latency_ms),
+            }
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> Snapshot:
+        """A consistent copy of every entry, least recently used first."""
+        with self._lock:
+            self._purge_expired(self.clock())
+            entries = [self.entries.get(i) for i in self.eviction.order()]
+            return Snapshot(
+                ids=np.array([e.entry_id for e in entries], np.int64),
+                vectors=(np.stack([e.vector for e in entries]) if entries
+                         else np.zeros((0, self.dim), np.float32)),
+                created_at=np.array([e.created_at for e in entries], np.float64),
+                last_access=np.array([e.last_access for e in entries], np.float64),
+                expires_at=np.array([np.nan if e.expires_at is None else e.expires_at
+                                     for e in entries], np.float64),
+                prompts=[e.prompt for e in entries], responses=[e.response for e in entries],
+                namespaces=[e.scope.namespace for e in entries],
+                history_hashes=[e.scope.history_hash for e in entries],
+                meta={"dim": self.dim, "next_id": self._next_id, "model": self.model_tag,
+                      "index": self.index_kind, "saved_at": self.clock()},
+            )
+
+    def restore_snapshot(self, snap: Snapshot) -> int:
+        """Replace the contents with ``snap``'s (expired entries dropped, capacity enforced);
+        returns the number of entries kept. SnapshotError if it belongs to another encoder."""
+        if snap.meta.get("dim") != self.dim:
+            raise SnapshotError(f"snapshot vectors have dim {snap.meta.get('dim')}, this cache {self.dim} "
+                                f"(saved with another encoder?)")
+        saved_model = snap.meta.get("model")
+        if saved_model is not None and self.model_tag is not None and saved_model != self.model_tag:
+            raise SnapshotError(f"snapshot was made with encoder {saved_model!r}, this cache uses "
+                                f"{self.model_tag!r}; its vectors are not comparable")
+        if len(np.unique(snap.ids)) != len(snap.ids) or (len(snap.ids) and snap.ids.min() < 1):
+            raise SnapshotError("snapshot entry ids must be unique positive integers")
+        try:
+            vectors = _unit_vectors(snap.vectors, len(snap), self.dim) if len(snap) else snap.vectors
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot vectors are invalid: {exc}") from None
+        with self._lock:
+            self.entries.clear()
+            self.eviction.clear()
+            self._indexes.clear()
+            for i, entry_id in enumerate(snap.ids.tolist()):
+                scope = Scope(snap.namespaces[i], snap.history_hashes[i])
+                key = text_key(snap.prompts[i])
+                previous = self.entries.find_exact(scope, key)
+                if previous is not None:  # a newer duplicate wins (lists are oldest first)
+                    self._drop(previous.entry_id)
+                expires = float(snap.expires_at[i])
+                self._insert(Entry(entry_id, snap.prompts[i], snap.responses[i], scope,
+                                   vectors[i].copy(), float(snap.created_at[i]),
+                                   float(snap.last_access[i]), None if math.isnan(expires) else expires,
+                                   key))
+            self._next_id = max(int(snap.meta.get("next_id", 1)), int(snap.ids.max(initial=0)) + 1)
+            self._purge_expired(self.clock())
+            for victim in self.eviction.pop_over_capacity():
+                if self._drop(victim):
+                    self._counts["evictions"] += 1
+            self.version += 1
+            return len(self.entries)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write a snapshot atomically to ``path``."""
+        return write_snapshot(path, self.snapshot())
+
+    def restore(self, path: Union[str, Path]) -> int:
+        """Load ``path`` into this cache (FileNotFoundError if absent, SnapshotError if bad)."""
+        return self.restore_snapshot(read_snapshot(path))
+
+    @classmethod
+    def load(cls, path: Union[str, Path], encoder: Any = None, **kwargs: Any) -> "SemanticCache":
+        """A new cache (``kwargs`` as for ``__init__``, dim from the file) holding the snapshot."""
+        snap = read_snapshot(path)
+        cache = cls(encoder, snap.meta["dim"], **kwargs)
+        cache.restore_snapshot(snap)
+        return cache
+
+
+# ---------------------------------------------------------------------------- policies from config
+def row_cosines(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair of two [n, dim] arrays -> float64 [n]."""
+    a = _unit_vectors(vectors_a, len(vectors_a), np.shape(vectors_a)[-1])
+    b = _unit_vectors(vectors_b, len(vectors_b), np.shape(vectors_a)[-1])
+    return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+
+def load_calibration_pairs(path: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(prompts_a, prompts_b, labels) of a labelled pair file (``raycache.data.read_pairs``)."""
+    from raycache.data import DataError, read_pairs
+
+    df = read_pairs(path)
+    if "label" not in df.columns:
+        raise DataError(f"{path}: calibration pairs need a 'label' column (1 = can share a response)")
+    return df["prompt_a"].tolist(), df["prompt_b"].tolist(), df["label"].to_numpy(np.float64)
+
+
+def policy_from_config(cfg: CacheConfig, encoder: Any = None) -> DecisionPolicy:
+    """StaticThreshold(cfg.threshold), or CalibratedThreshold fitted on ``cfg.calibration_pairs``
+    embedded with ``encoder`` (target δ = ``cfg.target_false_hit``)."""
+    if cfg.policy == "static":
+        return StaticThreshold(cfg.threshold)
+    if not cfg.calibration_pairs:
+        raise ConfigError("cache.policy 'calibrated' needs cache.calibration_pairs (a labelled pair file)")
+    if encoder is None:
+        raise ConfigError("cache.policy 'calibrated' needs an encoder to embed the calibration pairs")
+    prompts_a, prompts_b, labels = load_calibration_pairs(cfg.calibration_pairs)
+    sims = row_cosines(encoder.encode(prompts_a), encoder.encode(prompts_b))
+    policy = CalibratedThreshold.fit(sims, labels, cfg.target_false_hit, cfg.confidence)
+    logger.info("calibrated policy: %s", policy.describe())
+    return policy

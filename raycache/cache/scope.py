@@ -1,0 +1,92 @@
+"""Cache scopes: who may share an entry.
+
+A scope is a namespace (tenant, model, system prompt: whatever the caller uses to separate caches)
+plus a hash of the conversation before the prompt. A lookup only ever sees entries of its own scope,
+so a follow-up such as "What are its types?" never hits an entry stored in another conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+MAX_NAMESPACE_CHARS = 256
+
+
+@dataclass(frozen=True, order=True)
+class Scope:
+    """Namespace + conversation hash ("" = no earlier turns)."""
+
+    namespace: str
+    history_hash: str = ""
+
+
+def history_hash(history: Optional[Sequence[Any]]) -> str:
+    """Stable 32-hex-digit hash of earlier turns (strings or JSON-like messages); "" for none.
+
+    The turns are serialised as canonical JSON (sorted keys), so dict key order does not matter but
+    every role, content and order of turns does.
+    """
+    if history is None or len(history) == 0:
+        return ""
+    if isinstance(history, (str, bytes)):
+        raise ValueError("history must be a list of earlier turns, not a single string")
+    try:
+        canonical = json.dumps(list(history), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"history must be JSON-serialisable turns (strings or messages): {exc}") from None
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def make_scope(namespace: str, history: Optional[Sequence[Any]] = None) -> Scope:
+    """Validate the namespace and build the scope of a lookup or entry."""
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+    if len(namespace) > MAX_NAMESPACE_CHARS:
+        raise ValueError(f"namespace is {len(namespace)} characters; the limit is {MAX_NAMESPACE_CHARS}")
+    return Scope(namespace, history_hash(history))
+
+
+def message_text(content: Any) -> Optional[str]:
+    """Text of an OpenAI chat message ``content`` (a string or a list of parts); None if it holds
+    anything but text (images, audio), which the cache does not key on."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                return None
+            texts.append(part["text"])
+        return "\n".join(texts)
+    return None
+
+
+@dataclass(frozen=True)
+class ChatKey:
+    """How a chat request is cached: the prompt (last user message) and the context it depends on."""
+
+    prompt: str
+    history: list
+
+
+def chat_key(messages: Sequence[Any], model: str, context: Optional[dict] = None) -> Optional[ChatKey]:
+    """Split an OpenAI ``messages`` list into (prompt, history) for the cache; None if uncacheable.
+
+    The prompt is the last message, which must be a text user message. The history is a context
+    record (the model plus ``context``, e.g. tools) followed by every earlier message, system prompt
+    included, so the scope hash covers model, system prompt and earlier turns.
+    """
+    if not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    prompt = message_text(last.get("content"))
+    if prompt is None or not prompt.strip():
+        return None
+    header = {"model": model, **(context or {})}
+    return ChatKey(prompt=prompt, history=[{"context": header}, *messages[:-1]])

@@ -1,0 +1,48 @@
+"""The Serve config YAML that ``serve deploy`` accepts, generated from a :class:`ServeConfig`.
+
+``raycache serve --write-serve-config serve.yaml [flags]`` writes it; then
+``serve deploy serve.yaml`` runs the same application on a cluster (``raycache.service.app:app_builder``
+rebuilds it from the ``args`` section). Deployment options (autoscaling bounds, CPUs, GPUs) are also
+spelled out per deployment so operators can edit them in place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from raycache.config import ServeConfig
+
+# ServeConfig fields that configure this process, not the application
+_PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
+
+
+def serve_config(cfg: ServeConfig) -> dict:
+    """The ``serve deploy`` document for ``cfg`` (a dict matching Serve's ServeDeploySchema)."""
+    from raycache.service.app import APP_NAME, deployment_options
+
+    args = cfg.model_dump(mode="json", exclude=_PROCESS_FIELDS)
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.host, "port": cfg.port or 8000},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "raycache.service.app:app_builder",
+            "args": args,
+            "deployments": [{"name": name, **options}
+                            for name, options in deployment_options(cfg).items()],
+        }],
+    }
+
+
+def write_serve_config(cfg: ServeConfig, path: str | os.PathLike) -> Path:
+    """Write :func:`serve_config` as YAML to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# raycache Serve config: `serve deploy` this file on a running Ray cluster.\n"
+              "# The API key is read from the cluster's environment variable named in args.api_key_env.\n")
+    path.write_text(header + yaml.safe_dump(serve_config(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,83 @@
+"""Client for the OpenAI-compatible server behind the cache (vLLM, OpenAI, any compatible API)."""
+
+from __future__ import annotations
+
+from typing import Optional
+from urllib.parse import urlsplit
+
+import httpx
+
+MAX_ERROR_CHARS = 500  # of an upstream error body quoted back to the client
+
+
+class UpstreamError(Exception):
+    """The upstream failed or answered an error (``status``: its HTTP status, None if unreachable)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within the timeout."""
+
+
+def chat_completions_url(base_url: str) -> str:
+    """``<base>/chat/completions``; a base without a path gets the usual ``/v1``
+    (``http://host:8000`` and ``http://host:8000/v1`` both work)."""
+    base = base_url.rstrip("/")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"upstream must be an http(s) URL, got {base_url!r}")
+    if parts.path in ("", "/"):
+        base += "/v1"
+    return base + "/chat/completions"
+
+
+class UpstreamClient:
+    """Async client of ``POST <base>/chat/completions`` with a timeout (seconds) and optional key;
+    ``transport`` replaces the network (httpx.MockTransport in tests)."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, timeout_s: float = 60.0,
+                 transport: Optional[httpx.AsyncBaseTransport] = None):
+        self.url = chat_completions_url(base_url)
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers, transport=transport)
+
+    async def chat_completion(self, body: dict) -> dict:
+        """The upstream's JSON completion for ``body`` (non-streaming)."""
+        try:
+            response = await self._client.post(self.url, json=body)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream timed out") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            raise UpstreamError(f"upstream answered {response.status_code}: "
+                                f"{response.text[:MAX_ERROR_CHARS]}", response.status_code)
+        try:
+            data = response.json()
+        except ValueError:
+            raise UpstreamError("upstream answered invalid JSON", response.status_code) from None
+        if not isinstance(data, dict):
+            raise UpstreamError("upstream answered JSON that is not an object", response.status_code)
+        return data
+
+    async def open_stream(self, body: dict) -> httpx.Response:
+        """Start a streaming completion; the caller iterates ``aiter_bytes()`` and must ``aclose()``."""
+        request = self._client.build_request("POST", self.url, json=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream timed out") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            text = (await response.aread()).decode("utf-8", "replace")
+            await response.aclose()
+            raise UpstreamError(f"upstream answered {response.status_code}: {text[:MAX_ERROR_CHARS]}",
+                                response.status_code)
+        return response
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
