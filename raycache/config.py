@@ -178,9 +178,7 @@ class SimulateConfig(_Base):
 
     stream: str = Field(..., description="Stream file or folder of shards (arrival order).")
     out: str = Field(..., description="Output folder: simulation.json, hit_vs_false_hit.png.")
-    models: list[str] = Field(default_factory=list, description=(
-        "Model folders, one curve each (repeat --model); 'default' = the embedded encoder; "
-        "empty = encoder.model."))
+    models: list[str] = Field(default_factory=list, description="Model folders; empty = default.")
     encoder: EncoderConfig = EncoderConfig()
     cache: CacheConfig = CacheConfig(capacity=None)
     read: ReadConfig = ReadConfig()

@@ -122,8 +122,6 @@ def stage_simulate(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
 
 def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     """Serve the first fine-tuned model, replay the head of the stream against it over HTTP."""
-    from ray import serve
-
     from raycache import simulation
     from raycache.data import read_stream, write_table
     from raycache.service import app
@@ -145,7 +143,7 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
                                                endpoint=info.get("url", f"http://127.0.0.1:{port}"),
                                                threshold=float(threshold), delta=cfg.delta))
     finally:
-        serve.shutdown()
+        app.stop()
     return {"model": best, "threshold": float(threshold), "startup_s": round(startup_s, 1), **result}
 
 

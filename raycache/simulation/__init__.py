@@ -1,0 +1,91 @@
+"""Streaming cache simulation: replay a prompt stream through the cache, offline or live.
+
+``run(cfg)`` (the ``raycache simulate`` job) reads the stream and
+
+* offline (no ``cfg.endpoint``): embeds it with Ray Data per model (or memory-maps
+  ``cfg.embeddings``), replays it in arrival order through the cache engine's decisions for each
+  threshold of the sweep (or ``cfg.threshold``), and reports per model the sweep's metrics and the
+  headline: the best hit rate at false-hit rate ≤ δ (``hit_vs_false_hit.png`` plots the sweep);
+* live (``cfg.endpoint``): replays it against a running service with a pool of HTTP client actors
+  and reports the same metrics plus latency percentiles and throughput.
+
+Both write ``simulation.json`` in ``cfg.out``. Modules: ``metrics`` (scoring, oracle, headline),
+``offline`` (embedding, vectorized and engine replays, sweep), ``live`` (HTTP replay), ``plot``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from raycache.config import SimulateConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run", "read_stream_frame", "summarize", "write_json_atomic"]
+
+
+def read_stream_frame(cfg: SimulateConfig):
+    """The stream as a validated DataFrame in arrival order (``raycache.data.read_stream``)."""
+    from raycache.data import parse_columns, read_stream
+
+    return read_stream(cfg.stream, columns=parse_columns(cfg.read.columns),
+                       skip_invalid=cfg.read.skip_invalid)
+
+
+def _strict_json(value):
+    """NaN/inf -> None (strict JSON has neither), recursively; numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    """Write strict JSON via a temporary file + rename, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_strict_json(obj), f, indent=2, default=str, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def summarize(report: dict) -> dict:
+    """The report without its bulky parts (each model's sweep, the cache config)."""
+    out = {k: v for k, v in report.items() if k not in ("models", "cache")}
+    if "models" in report:
+        out["models"] = {name: {k: v for k, v in entry.items() if k != "sweep"}
+                         for name, entry in report["models"].items()}
+    return out
+
+
+def run(cfg: SimulateConfig) -> dict:
+    """``raycache simulate``: offline replay + sweep, or live replay against ``cfg.endpoint``.
+
+    Writes the full report to ``<out>/simulation.json`` and returns its summary (no sweeps), with
+    ``report`` = that file's path.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if cfg.endpoint:
+        from raycache.simulation.live import run_live
+
+        report = run_live(cfg, out)
+    else:
+        from raycache.simulation.offline import run_offline
+
+        report = run_offline(cfg, read_stream_frame(cfg), out)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(report, out / "simulation.json")
+    logger.info("simulation written to %s", out / "simulation.json")
+    return _strict_json({**summarize(report), "report": str(out / "simulation.json")})
