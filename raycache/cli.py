@@ -150,14 +150,22 @@ def run_stage(stage: str, cfg: BaseModel) -> Any:
     return module.run(cfg)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one line, exit code 2, no traceback."""
+    from raycache.data import DataError
+    from raycache.encoder import EncoderError
+    from raycache.labeling.backends import TeacherError
+    from raycache.labeling.job import ErrorRateExceeded
+
+    return (C.ConfigError, DataError, EncoderError, TeacherError, ErrorRateExceeded)
+
+
 def run_job(stage: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jobs/<stage>.py`` and of ``raycache <stage>``: parse, run, print a summary."""
-    from raycache.data import DataError
-
     try:
         cfg = config_from_args(stage, argv)
         result = run_stage(stage, cfg)
-    except (C.ConfigError, DataError) as exc:
+    except user_errors() as exc:
         print(f"raycache {stage}: error: {exc}", file=sys.stderr)
         return 2
     if result is not None:
