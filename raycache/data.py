@@ -1082,6 +1082,8 @@ def write_table(df: pd.DataFrame, path: Any, fmt: str | None = None) -> None:
         raise
     except failures as exc:
         raise DataError(f"{shown}: cannot write {f}: {exc}") from exc
+    except OSError as exc:  # the folder can't be made, no permission, disk full, ...
+        raise DataError(f"{shown}: cannot write: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------- Ray Data

@@ -105,10 +105,27 @@ class HNSWIndex:
         self._live += len(ids)
 
     def remove(self, ids: np.ndarray) -> None:
+        """Tombstone ``ids``; the graph is rebuilt without them once they outnumber the live ones."""
         for i in _as_ids(ids).tolist():
             if i not in self._dead:
                 self._dead.add(i)
                 self._live -= 1
+        if len(self._dead) > max(self.compact_min, self._live):
+            self.compact()
+
+    compact_min = 1024
+    """Tombstones tolerated before a rebuild is considered (rebuild cost ~ live entries)."""
+
+    def compact(self) -> None:
+        """Rebuild the graph from the live vectors only (drops every tombstone)."""
+        external = faiss.vector_to_array(self._index.id_map)
+        keep = np.flatnonzero(~np.isin(external, np.fromiter(self._dead, np.int64, len(self._dead))))
+        vectors = (np.stack([self._base.reconstruct(int(i)) for i in keep]) if len(keep)
+                   else np.zeros((0, self.dim), np.float32))
+        ids = external[keep]
+        self.reset()
+        if len(ids):
+            self.add(ids, vectors)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         q = _as_vectors(queries, self.dim)
