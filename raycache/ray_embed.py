@@ -55,10 +55,13 @@ def collect_embeddings(ds) -> tuple["pd.DataFrame", np.ndarray]:
     """Materialise (the other columns as a DataFrame, embeddings [n, dim] float32), row-aligned."""
     import pandas as pd
 
-    frames, chunks = [], []
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=4096):
-        chunks.append(np.stack(batch.pop("embedding").to_numpy()).astype(np.float32, copy=False))
-        frames.append(batch)
-    if not frames:
+    columns: dict[str, list] = {}
+    chunks = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
+        chunks.append(np.asarray(batch.pop("embedding"), dtype=np.float32))
+        for name, values in batch.items():
+            columns.setdefault(name, []).extend(
+                v.tolist() if isinstance(v, np.ndarray) else v for v in values)
+    if not chunks:
         return pd.DataFrame(), np.zeros((0, 0), np.float32)
-    return pd.concat(frames, ignore_index=True), np.concatenate(chunks)
+    return pd.DataFrame(columns), np.concatenate(chunks)

@@ -53,3 +53,25 @@ def test_mine_run_on_local_ray(ray_local, tmp_path):
     assert set(pairs.source) == {"knn", "random"}
     knn = pairs[pairs.source == "knn"]
     assert (knn.group_a == knn.group_b).any()  # the paraphrase of each question is a near neighbour
+
+
+@pytest.mark.ray
+def test_collect_embeddings_across_blocks_keeps_rows_aligned(ray_local):
+    import ray
+
+    from raycache.ray_embed import collect_embeddings
+
+    items = [{"prompt": f"p{i}", "answers": [f"a{i}", "x"] if i % 3 else None, "group": f"g{i % 7}"}
+             for i in range(600)]
+
+    def fake_embed(batch):
+        batch["embedding"] = np.stack([np.full(4, float(p[1:]), np.float32) for p in batch["prompt"]])
+        return batch
+
+    ds = ray.data.from_items(items, override_num_blocks=4).map_batches(fake_embed, batch_format="numpy",
+                                                                        batch_size=100)
+    frame, vecs = collect_embeddings(ds)
+    assert len(frame) == 600 and vecs.shape == (600, 4)
+    assert [float(p[1:]) for p in frame["prompt"]] == vecs[:, 0].tolist()
+    row = frame.set_index("prompt").loc["p4"]
+    assert list(row["answers"]) == ["a4", "x"] and row["group"] == "g4"
