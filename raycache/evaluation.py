@@ -70,7 +70,9 @@ def similarity_metrics(similarities: np.ndarray, labels: Sequence[float],
 
 def model_label(model: str | None) -> str:
     """Display name: 'base' for the embedded default, else the folder's name."""
-    if model is None:
+    from raycache.encoder import is_default_model
+
+    if is_default_model(model):
         return "base"
     p = Path(model)
     return p.parent.name if p.name == "model" and p.parent.name else p.name

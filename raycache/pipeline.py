@@ -27,7 +27,7 @@ class Layout:
     """Where each stage writes inside the report folder."""
 
     def __init__(self, out: str | Path):
-        self.out = Path(out)
+        self.out = Path(out).resolve()  # Serve replicas and Ray workers run in other directories
         self.data = self.out / "data"
         self.prompts_train = self.data / "prompts_train.jsonl"
         self.pairs_train = self.data / "pairs_train.jsonl"
@@ -41,7 +41,7 @@ class Layout:
         self.summary = self.out / "stages.json"
 
     def train_dir(self, loss: str) -> Path:
-        return self.out / f"train_{loss}"
+        return self.out / loss
 
     def model(self, loss: str) -> Path:
         return self.train_dir(loss) / "model"
@@ -126,14 +126,14 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     from raycache.data import read_stream, write_table
     from raycache.service import app
 
-    best = _best_model(lay)
+    best, best_path = _best_model(lay)
     sim = json.loads((lay.sim / "simulation.json").read_text()) if (lay.sim / "simulation.json").exists() else {}
     threshold = _headline(sim, best).get("threshold") or cfg.cache.threshold
     stream = read_stream(lay.stream).head(n["live_arrivals"])
     live_stream = lay.live / "stream_head.jsonl"
     write_table(stream, live_stream)
     port = _free_port()
-    encoder = cfg.encoder.model_copy(update={"model": str(lay.model(best)) if best != "base" else None})
+    encoder = cfg.encoder.model_copy(update={"model": best_path})
     cache = cfg.cache.model_copy(update={"threshold": float(threshold), "policy": "static"})
     started = time.time()
     info = app.run(ServeConfig(encoder=encoder, cache=cache, port=port, blocking=False))
@@ -147,12 +147,14 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     return {"model": best, "threshold": float(threshold), "startup_s": round(startup_s, 1), **result}
 
 
-def _best_model(lay: Layout) -> str:
+def _best_model(lay: Layout) -> tuple[str, str | None]:
+    """(display name, model folder or None for the base model) with the best test AUC."""
     metrics_path = lay.eval / "metrics.json"
     if not metrics_path.exists():
-        return "base"
+        return "base", None
     metrics = json.loads(metrics_path.read_text())
-    return max(metrics, key=lambda name: metrics[name]["auc"])
+    name = max(metrics, key=lambda n: metrics[n]["auc"])
+    return name, (None if name == "base" else metrics[name]["model"])
 
 
 def _headline(sim: dict, model: str) -> dict:

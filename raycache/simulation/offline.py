@@ -487,13 +487,13 @@ def replay_sweep(stream: ReplayStream, cache_cfg: CacheConfig, thresholds: Seque
 
 # ----------------------------------------------------------------------------- the offline job
 
-DEFAULT_MODEL_ALIASES = ("default", "base")
+from raycache.encoder import is_default_model  # noqa: E402
 
 
 def resolve_model(model: Optional[str]) -> Optional[str]:
     """None (the embedded default) for None or the aliases 'default'/'base' (unless a folder of
     that name exists), else the model folder / hub id unchanged."""
-    if model is None or (model in DEFAULT_MODEL_ALIASES and not Path(model).exists()):
+    if is_default_model(model):
         return None
     return model
 
