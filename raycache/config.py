@@ -99,9 +99,9 @@ class TrainConfig(_Base):
     encoder: EncoderConfig = EncoderConfig()
     read: ReadConfig = ReadConfig()
     loss: Literal["bce", "sld"] = "bce"
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the training pairs.")
     batch_size: int = Field(32, ge=2, description="Pairs per step per worker.")
-    lr: float = Field(5e-5, gt=0, description="Encoder learning rate.")
+    lr: float = Field(1e-4, gt=0, description="Encoder learning rate (peak, after warm-up).")
     head_lr: float = Field(1e-2, gt=0, description="Similarity-head learning rate.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)

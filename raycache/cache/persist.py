@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -58,9 +59,27 @@ class Snapshot:
         return len(self.ids)
 
 
+def local_file_path(path: str | os.PathLike, what: str = "snapshot path") -> Path:
+    """``path`` (a plain path or a ``file://`` URI) as a local Path. ValueError naming ``what`` for
+    an empty path, a NUL byte, another URI scheme or a file:// URI with a remote host."""
+    text = os.fsdecode(os.fspath(path))
+    if text.startswith("file://"):
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{what} {text!r}: a file:// URI must name a local file (file:///path)")
+        text = unquote(parts.path)
+    elif "://" in text:
+        raise ValueError(f"{what} {text!r}: only local paths and file:// URIs are supported")
+    if "\x00" in text:
+        raise ValueError(f"{what} {text!r} holds a NUL byte")
+    if not text:
+        raise ValueError(f"{what} is empty")
+    return Path(text)
+
+
 def write_snapshot(path: str | os.PathLike, snap: Snapshot) -> Path:
     """Write ``snap`` to ``path`` atomically (temp file + fsync + os.replace); returns the path."""
-    path = Path(path)
+    path = local_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"format": FORMAT, "version": VERSION, "meta": snap.meta,
                 **{name: getattr(snap, name) for name in _TEXTS}}
@@ -95,7 +114,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def read_snapshot(path: str | os.PathLike) -> Snapshot:
     """Read and validate a snapshot. FileNotFoundError if absent; SnapshotError if unreadable."""
-    path = Path(path)
+    path = local_file_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no cache snapshot at {path}")
 
@@ -163,7 +182,7 @@ class PeriodicSnapshot:
                  version: Callable[[], int], interval_s: float):
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self.path = Path(path)
+        self.path = local_file_path(path)
         self.interval_s = interval_s
         self._snapshot, self._version = snapshot, version
         self._saved_version: Optional[int] = version()

@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from raycache.cache.scope import MAX_NAMESPACE_CHARS, chat_key
-from raycache.service.upstream import UpstreamClient, UpstreamError, UpstreamTimeout
+from raycache.service.upstream import UpstreamClient, UpstreamError, UpstreamTimeout, is_strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,12 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         logger.error("internal error serving %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal error", "internal_error")
 
+    def check_text(text: str, what: str) -> None:
+        if not is_strict_json(text):  # the encoder and the JSON answers cannot take it
+            raise _fail(422, f"{what} is not valid unicode (it holds a lone surrogate such as \\ud800)")
+
     def check_prompt(prompt: str, what: str = "prompt") -> None:
+        check_text(prompt, what)
         if not prompt.strip():
             raise _fail(422, f"{what} must not be empty")
         if len(prompt) > settings.max_prompt_chars:
@@ -357,6 +362,7 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
     async def store(req: StoreRequest) -> dict:
         """Cache ``response`` for ``prompt`` in ``namespace`` (+ ``history``), optional ``ttl_s``."""
         check_prompt(req.prompt)
+        check_text(req.response, "response")
         entry_id = await backend.store(req.prompt, req.response, req.namespace, req.history, req.ttl_s)
         return {"entry_id": entry_id}
 
@@ -382,6 +388,9 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         if not 0 < len(namespace) <= MAX_NAMESPACE_CHARS:
             raise _fail(422, f"namespace must have 1..{MAX_NAMESPACE_CHARS} characters")
         body = req.model_dump(exclude={"namespace"}, exclude_unset=True)
+        if not is_strict_json(body):
+            raise _fail(422, "the request holds NaN/Infinity or invalid unicode (lone surrogates) and "
+                             "cannot be forwarded")
         context = {k: body[k] for k in CHAT_CONTEXT_FIELDS if k in body}
         key = chat_key(body["messages"], req.model, context)
         if key is not None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from raycache.config import ServeConfig
+from raycache.cache.persist import local_file_path
+from raycache.config import ConfigError, ServeConfig
 
 # ServeConfig fields that configure this process, not the application
 _PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
@@ -39,10 +40,17 @@ def serve_config(cfg: ServeConfig) -> dict:
 
 
 def write_serve_config(cfg: ServeConfig, path: str | os.PathLike) -> Path:
-    """Write :func:`serve_config` as YAML to ``path``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write :func:`serve_config` as YAML to ``path`` (a local path or file:// URI); returns the
+    path. ConfigError when the path is malformed or cannot be written."""
+    try:
+        path = local_file_path(path, "--write-serve-config")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     header = ("# raycache Serve config: `serve deploy` this file on a running Ray cluster.\n"
               "# The API key is read from the cluster's environment variable named in args.api_key_env.\n")
-    path.write_text(header + yaml.safe_dump(serve_config(cfg), sort_keys=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(serve_config(cfg), sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the serve config to {path}: {exc.strerror or exc}") from None
     return path

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import httpx
 
 MAX_ERROR_CHARS = 500  # of an upstream error body quoted back to the client
+
+
+def is_strict_json(value: Any) -> bool:
+    """Whether ``value`` serialises to standard JSON in UTF-8: no NaN/Infinity, no lone surrogates
+    (Python's json module reads both, but neither can be sent on or answered)."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
 
 
 class UpstreamError(Exception):
@@ -41,6 +52,7 @@ class UpstreamClient:
     def __init__(self, base_url: str, api_key: Optional[str] = None, timeout_s: float = 60.0,
                  transport: Optional[httpx.AsyncBaseTransport] = None):
         self.url = chat_completions_url(base_url)
+        self._api_key = api_key
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers, transport=transport)
 
@@ -53,14 +65,17 @@ class UpstreamClient:
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
         if response.status_code >= 400:
-            raise UpstreamError(f"upstream answered {response.status_code}: "
-                                f"{response.text[:MAX_ERROR_CHARS]}", response.status_code)
+            raise UpstreamError(f"upstream answered {response.status_code}: {self._quote(response.text)}",
+                                response.status_code)
         try:
             data = response.json()
         except ValueError:
             raise UpstreamError("upstream answered invalid JSON", response.status_code) from None
         if not isinstance(data, dict):
             raise UpstreamError("upstream answered JSON that is not an object", response.status_code)
+        if not is_strict_json(data):
+            raise UpstreamError("upstream answered JSON with NaN/Infinity or invalid unicode (lone "
+                                "surrogates)", response.status_code)
         return data
 
     async def open_stream(self, body: dict) -> httpx.Response:
@@ -75,9 +90,16 @@ class UpstreamClient:
         if response.status_code >= 400:
             text = (await response.aread()).decode("utf-8", "replace")
             await response.aclose()
-            raise UpstreamError(f"upstream answered {response.status_code}: {text[:MAX_ERROR_CHARS]}",
+            raise UpstreamError(f"upstream answered {response.status_code}: {self._quote(text)}",
                                 response.status_code)
         return response
+
+    def _quote(self, text: str) -> str:
+        """An upstream error body as quoted to the client: the API key redacted (an upstream may
+        echo it back), then cut to MAX_ERROR_CHARS."""
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return text[:MAX_ERROR_CHARS]
 
     async def aclose(self) -> None:
         await self._client.aclose()
