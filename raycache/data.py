@@ -750,12 +750,16 @@ def _read_jsonl_bytes(data: bytes, name: str, skip_invalid: bool) -> _Raw:
     return _Raw(_records_to_frame(records), rows, errors)
 
 
-def _read_json_bytes(data: bytes, name: str, skip_invalid: bool) -> _Raw:
+def _decode_utf8(data: bytes, name: str) -> str:
+    """Bytes -> text (a BOM is dropped); a DataError names the first bad byte."""
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") \
-            from exc
+        raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from exc
+
+
+def _read_json_bytes(data: bytes, name: str, skip_invalid: bool) -> _Raw:
+    text = _decode_utf8(data, name)
     if not text.strip():
         return _Raw(_records_to_frame([]), None, [])
     try:
@@ -790,11 +794,7 @@ def _read_json_bytes(data: bytes, name: str, skip_invalid: bool) -> _Raw:
 
 
 def _read_csv_bytes(data: bytes, name: str, sep: str, skip_invalid: bool) -> _Raw:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") \
-            from exc
+    text = _decode_utf8(data, name)
     if not text.strip():
         return _Raw(_records_to_frame([]), None, [])
     errors: list[str] = []
