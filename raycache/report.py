@@ -20,7 +20,7 @@ import os
 
 def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
 
 
@@ -68,13 +68,14 @@ def build_markdown(lay, stages: dict, cfg, total_s: float) -> tuple[str, list[Pa
         if tm:
             epochs = tm.get("epochs") or []
             last = epochs[-1] if epochs else {}
-            rows.append([loss, tm.get("base_val_auc"), tm.get("best_val_auc", last.get("val_auc")),
-                         last.get("pairs_per_s"), tm.get("train_seconds", tm.get("seconds"))])
+            base = tm.get("base") or {}
+            rows.append([loss, tm.get("n_train_pairs"), base.get("auc"), tm.get("best_val_auc"),
+                         last.get("pairs_per_s"), tm.get("wall_s")])
             if (lay.train_dir(loss) / "training.png").exists():
                 plots.append(lay.train_dir(loss) / "training.png")
     if rows:
         parts.append("## Fine-tuning (validation = generator's train-split hard pairs)\n\n"
-                     + _table(["loss", "val AUC before", "best val AUC", "pairs/s", "seconds"], rows))
+                     + _table(["loss", "pairs", "val AUC before", "best val AUC", "pairs/s", "seconds"], rows))
     metrics = _read(lay.eval / "metrics.json")
     if metrics:
         parts.append("## Evaluation on the test split's hard pairs (groups unseen in training)\n\n" + _table(
@@ -97,15 +98,16 @@ def build_markdown(lay, stages: dict, cfg, total_s: float) -> tuple[str, list[Pa
             plots.append(png)
     live = stages.get("live", {}).get("result", {})
     if live:
-        lat = live.get("latency_ms", {}) or {}
+        m, lat = live.get("metrics", {}) or {}, live.get("lookup_latency", {}) or {}
         parts.append("## Live replay against the Ray Serve service\n\n" + _table(["what", "value"], [
             ["model served / threshold", f"{live.get('model')} / {_fmt(live.get('threshold'))}"],
             ["service start-up (s)", live.get("startup_s")],
-            ["arrivals", live.get("arrivals")],
-            ["hit rate / false-hit rate", f"{_fmt(live.get('hit_rate'))} / {_fmt(live.get('false_hit_rate'))}"],
-            ["throughput (arrivals/s)", live.get("throughput")],
-            ["lookup latency p50 / p95 / p99 (ms)",
-             f"{_fmt(lat.get('p50'), 1)} / {_fmt(lat.get('p95'), 1)} / {_fmt(lat.get('p99'), 1)}"],
+            ["arrivals (client actors)", f"{live.get('arrivals')} ({live.get('concurrency')})"],
+            ["hit rate / false-hit rate", f"{_fmt(m.get('hit_rate'))} / {_fmt(m.get('false_hit_rate'))}"],
+            ["LLM calls saved", m.get("llm_calls_saved")],
+            ["throughput (arrivals/s)", live.get("throughput_arrivals_per_s")],
+            ["batched lookup latency p50 / p95 / p99 (ms)",
+             f"{_fmt(lat.get('p50_ms'), 1)} / {_fmt(lat.get('p95_ms'), 1)} / {_fmt(lat.get('p99_ms'), 1)}"],
         ]))
     parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(lay.out)})" for p in plots if p.exists()))
     return "\n\n".join(parts) + "\n", [p for p in plots if p.exists()]
