@@ -133,17 +133,25 @@ class HNSWIndex:
         out_i = np.full((len(q), k), -1, np.int64)
         if self._live <= 0:
             return out_s, out_i
-        extra = min(len(self._dead), 64)
-        sims, ids = self._index.search(q, k + extra)
-        for r in range(len(q)):
-            j = 0
-            for s, i in zip(sims[r], ids[r]):
-                if i < 0 or int(i) in self._dead:
-                    continue
-                out_s[r, j], out_i[r, j] = s, i
-                j += 1
-                if j == k:
-                    break
+        total = int(self._index.ntotal)
+        pending = np.arange(len(q))
+        kk = min(k + min(len(self._dead), 64), total)
+        while len(pending):
+            sims, ids = self._index.search(q[pending], kk)
+            short = []
+            for row, r in enumerate(pending):
+                j = 0
+                for s, i in zip(sims[row], ids[row]):
+                    if i < 0 or int(i) in self._dead:
+                        continue
+                    out_s[r, j], out_i[r, j] = s, i
+                    j += 1
+                    if j == k:
+                        break
+                if j < k and kk < total:  # tombstones hid live entries: look further
+                    short.append(r)
+            pending = np.asarray(short, dtype=np.int64)
+            kk = min(kk * 4, total)
         return out_s, out_i
 
     def __len__(self) -> int:
