@@ -228,8 +228,9 @@ def test_killing_the_cache_engine_restores_the_last_snapshot(service):
     assert persistence["loaded_entries"] == len(a) + len(b) - len(lost) and persistence["load_error"] is None
     assert len(lost) <= len(b)
     print(f"\ncache engine killed {killed_at - stored_a:.1f} s after the A inserts: back after "
-          f"{back_after:.1f} s ({retries} retries) with {persistence['loaded_entries']} entries; lost {len(lost)} of the "
-          f"{len(b)} inserts made since the last snapshot (period {cfg.cache.persist_interval_s} s)")
+          f"{back_after:.1f} s ({retries} retries) with {persistence['loaded_entries']} entries; lost "
+          f"{len(lost)} of the {len(b)} inserts made since the last snapshot "
+          f"(period {cfg.cache.persist_interval_s} s)")
 
 
 def test_no_key_in_any_ray_or_serve_log(service):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -313,12 +312,10 @@ def test_writing_onto_a_symlink_replaces_the_link_and_never_the_file_outside(tmp
     assert len(read_table(out_dir / "pairs.jsonl", "pairs")) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="raycache.data.write_table lets a raw OSError "
-                   "through (CLI traceback, not exit 2) when the output folder cannot be made, and "
-                   "creates the folder from the normalised path but replaces the raw one: reported")
 @pytest.mark.parametrize("relative", ["a-file/out.jsonl", "missing/../out.jsonl"])
 def test_an_unwritable_output_path_is_a_data_error(tmp_path, relative):
-    """An output under a file is a DataError; 'missing/..' either writes ./out.jsonl or is one."""
+    """An output under a file is a DataError (the CLI exits 2), not a raw OSError; 'missing/..'
+    either writes ./out.jsonl or is one."""
     (tmp_path / "a-file").write_text("x")
     try:
         write_table(pd.DataFrame({"prompt": ["a"]}), str(tmp_path / relative))
