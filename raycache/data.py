@@ -627,21 +627,27 @@ def _list_inputs(path: Any, fmt: str | None) -> list[_Input]:
             if f == "parquet" and comp:
                 raise DataError(f"{shown}: compressed parquet files are not supported")
             return [_Input(fs, root, shown, f, comp)]
-        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if isinstance(fs, pafs.LocalFileSystem):
+            # os.walk does not follow symlinked folders (a link to '..' would loop forever)
+            files = [os.path.join(d, name).replace(os.sep, "/") for d, _, names in os.walk(root)
+                     for name in names]
+        else:
+            files = [fi.path for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                     if fi.type == pafs.FileType.File]
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{shown}: cannot read: {exc}") from exc
     found = []
     prefix = root.rstrip("/") + "/"
-    for fi in listing:
-        if fi.type != pafs.FileType.File or not fi.path.startswith(prefix):
+    for file_path in files:
+        if not file_path.startswith(prefix):
             continue
-        rel = fi.path[len(prefix):]
+        rel = file_path[len(prefix):]
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files, _SUCCESS, _metadata, ...
-        f, comp = _detect(fi.base_name, None)
+        f, comp = _detect(rel.rsplit("/", 1)[-1], None)
         if f is None or (f == "parquet" and comp) or (fmt is not None and f != fmt):
             continue
-        found.append(_Input(fs, fi.path, shown.rstrip("/") + "/" + rel, f, comp))
+        found.append(_Input(fs, file_path, shown.rstrip("/") + "/" + rel, f, comp))
     if not found:
         what = fmt or "/".join(_FORMAT_EXTS)
         raise DataError(f"{shown}: directory has no {what} files")

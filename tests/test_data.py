@@ -694,3 +694,15 @@ def test_read_dataset(ray_cluster, tmp_path):
     assert "column 'prompt' is empty" in str(info.value)
     with pytest.raises(DataError):  # file-level problems raise before Ray runs
         read_dataset(tmp_path / "nope.jsonl", "prompts")
+
+
+def test_symlinked_folder_loop_in_shards_is_not_followed(tmp_path):
+    import os
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text('{"prompt": "a"}\n')
+    os.symlink("..", shards / "up")
+    os.symlink(".", shards / "self")
+    df = read_prompts(shards)
+    assert df["prompt"].tolist() == ["a"]
