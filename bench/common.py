@@ -155,12 +155,14 @@ def _numeric(cell: str) -> bool:
         float(cell.replace(",", "").rstrip("x%"))
         return True
     except ValueError:
-        return cell == "-"
+        return cell in ("-", "none")
 
 
-def write_results(name: str, payload: Mapping[str, Any], out_dir: Path | None = None) -> Path:
-    """Write ``payload`` plus machine facts to ``bench/results/<name>.json``; returns the path."""
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+def write_results(name: str, payload: Mapping[str, Any], out_dir: Path | None = None,
+                  quick: bool = False) -> Path:
+    """Write ``payload`` plus machine facts to ``<out_dir>/<name>.json`` (default ``bench/results``,
+    or ``bench/results/quick`` for toy-size runs, which must not replace measured results)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR / "quick" if quick else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

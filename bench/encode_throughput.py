@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           {k: round(v, 6) for k, v in results["min_cosine_vs_sentence_transformers"].items()})
     if args.auc_pairs:
         print(f"QQP ROC-AUC on {args.auc_pairs} pairs:", {k: round(v, 4) for k, v in results["qqp_auc"].items()})
-    path = write_results("encode_throughput", results, args.out)
+    path = write_results("encode_throughput", results, args.out, quick=args.quick)
     print(f"\nwrote {path}")
     return results
 

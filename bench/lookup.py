@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(markdown_table(headers, rows))
     path = write_results("lookup", {"dim": DIM, "batch": BATCH, "threads": args.threads, "cases": cases,
                                     "faiss_blas_threshold": faiss.cvar.distance_compute_blas_threshold},
-                         args.out)
+                         args.out, quick=args.quick)
     print(f"\nwrote {path}")
     return {"cases": cases}
 

@@ -275,10 +275,9 @@ def run(stream: list[tuple[str, str]], block: int, batch: int, http: bool, gptca
     import httpx
     import torch
 
-    torch.set_num_threads(threads)
-
     from raycache.encoder import Encoder, default_model_path
 
+    torch.set_num_threads(threads)
     encoder = Encoder.load(device="cpu")
     contenders: dict = {}
     info: dict = {}
@@ -363,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"\nGPTCache {g['gptcache_version']}: {g['evaluation']}, similarity_threshold "
               f"{g['similarity_threshold']} (= cosine >= {g['cosine_threshold_equivalent']:.2f}); "
               f"raycache: static cosine threshold 0.9 (CacheConfig default)")
-    path = write_results("service", out, args.out)
+    path = write_results("service", out, args.out, quick=args.quick)
     print(f"wrote {path}")
     return out
 
