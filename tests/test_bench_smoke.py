@@ -6,6 +6,8 @@ speed.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,8 +74,6 @@ def test_interleaved_alternates_order_and_tables_format():
 
 def test_write_results_adds_machine_facts(tmp_path):
     path = common.write_results("toy", {"value": np.float32(1.5)}, tmp_path)
-    import json
-
     doc = json.loads(path.read_text())
     assert doc["value"] == 1.5 and doc["machine"]["nproc"] >= 1 and "date_utc" in doc["machine"]
 
@@ -88,7 +88,7 @@ def test_encode_throughput_rows_carry_speeds_and_ratios():
     assert set(rows[0]["ratio_vs_sentence_transformers"]) == {"raycache"}
 
 
-def test_lookup_case_exact_contenders_agree_and_hnsw_reports_recall(monkeypatch):
+def test_lookup_case_exact_contenders_agree_and_hnsw_reports_recall():
     case = lookup.run_case(300, "clustered", n_queries=8, hnsw=True, engine=True, seed=1)
     recall = case["recall_at_1"]
     assert recall["numpy brute force"] == recall["faiss IndexFlatIP"] == 1.0
