@@ -215,7 +215,7 @@ class PipelineConfig(_Base):
     losses: list[Literal["bce", "sld"]] = Field(default_factory=lambda: ["bce", "sld"],
                                                 description="Fine-tune once per loss (the first is served).")
     epochs: int = Field(1, ge=1)
-    max_train_pairs: int = Field(4000, ge=10, description="Cap on mined pairs used for fine-tuning.")
+    max_train_pairs: int = Field(2500, ge=10, description="Cap on mined pairs used for fine-tuning.")
     workers: int = Field(1, ge=1)
     delta: float = Field(0.02, gt=0, lt=1, description="Headline: hit rate at false-hit rate ≤ δ.")
 
