@@ -74,6 +74,12 @@ class Teacher(ABC):
         """Raise ConfigError when a flag this backend needs is missing."""
 
     @classmethod
+    def require_model(cls, cfg: LabelConfig, what: str = "a model folder or hub id") -> None:
+        """ConfigError unless ``--teacher-model`` is set."""
+        if not cfg.teacher_model:
+            raise ConfigError(f"--teacher {cls.kind} needs --teacher-model ({what})")
+
+    @classmethod
     def check_cluster(cls, cfg: LabelConfig) -> None:
         """Raise TeacherError when the Ray cluster can't run this backend (e.g. no GPUs)."""
 
@@ -330,8 +336,7 @@ class HFTeacher(BatchTeacher):
 
     @classmethod
     def check_config(cls, cfg: LabelConfig) -> None:
-        if not cfg.teacher_model:
-            raise ConfigError("--teacher hf needs --teacher-model (a model folder or hub id)")
+        cls.require_model(cfg)
 
     @classmethod
     def ray_remote_args(cls, cfg: LabelConfig) -> dict[str, Any]:
@@ -486,8 +491,7 @@ class OpenAITeacher(BatchTeacher):
     def check_config(cls, cfg: LabelConfig) -> None:
         if not cfg.endpoint:
             raise ConfigError("--teacher openai needs --endpoint (e.g. http://host:8000/v1)")
-        if not cfg.teacher_model:
-            raise ConfigError("--teacher openai needs --teacher-model (the served model name)")
+        cls.require_model(cfg, "the served model name")
         if not cfg.endpoint.startswith(("http://", "https://")):
             raise ConfigError(f"--endpoint must be an http(s) URL, got {cfg.endpoint!r}")
 

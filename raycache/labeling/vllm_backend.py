@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from raycache.config import ConfigError, LabelConfig
+from raycache.config import LabelConfig
 from raycache.labeling.backends import (
     LABEL_COLUMNS,
     Judgement,
@@ -196,8 +196,7 @@ class VLLMTeacher(Teacher):
 
     @classmethod
     def check_config(cls, cfg: LabelConfig) -> None:
-        if not cfg.teacher_model:
-            raise ConfigError("--teacher vllm needs --teacher-model (a model folder or hub id)")
+        cls.require_model(cfg)
 
     @classmethod
     def check_cluster(cls, cfg: LabelConfig) -> None:
