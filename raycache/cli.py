@@ -30,6 +30,8 @@ STAGES: dict[str, tuple[str, type[BaseModel], str]] = {
     "evaluate": ("raycache.evaluation", C.EvaluateConfig, "ROC-AUC / AP of cosine similarity per model"),
     "serve": ("raycache.service.app", C.ServeConfig, "run the embedding + cache HTTP service (Ray Serve)"),
     "simulate": ("raycache.simulation", C.SimulateConfig, "replay a prompt stream through the cache"),
+    "calibrate": ("raycache.calibration", C.CalibrateConfig,
+                  "choose the threshold for a per-request false-hit budget on a labelled stream"),
     "pipeline": ("raycache.pipeline", C.PipelineConfig, "the main job, end to end, with a report"),
 }
 

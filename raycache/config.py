@@ -138,11 +138,16 @@ class CacheConfig(_Base):
     index: Literal["flat", "hnsw"] = Field("flat", description="Exact search or HNSW (large caches).")
     capacity: Optional[int] = Field(100_000, ge=1, description="Max entries (LRU eviction); None = unbounded.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Default per-entry time to live, seconds.")
-    policy: Literal["static", "calibrated"] = "static"
+    policy: Literal["static", "calibrated"] = Field("static", description=(
+        "static threshold, or calibrated on labelled pairs (bound among hits); see policy_file "
+        "for a per-request bound."))
     threshold: float = Field(0.9, ge=-1, le=1, description="Cosine threshold (static policy).")
     target_false_hit: float = Field(0.02, gt=0, lt=1, description="δ for the calibrated policy.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
     calibration_pairs: Optional[str] = Field(None, description="Labelled pairs for calibration.")
+    policy_file: Optional[str] = Field(None, description=(
+        "Policy file from `raycache calibrate` (per-request false-hit bound); its threshold replaces "
+        "`threshold` and `policy`. Refused when fitted for another model; nothing is refitted."))
     exact_tier: bool = Field(True, description="Answer normalised exact repeats without encoding.")
     persist_path: Optional[str] = Field(None, description="Snapshot file; None = in-memory only.")
     persist_interval_s: float = Field(30.0, gt=0)
@@ -200,6 +205,40 @@ class SimulateConfig(_Base):
     chunk_size: int = Field(2048, ge=16, description="Offline: arrivals per vectorized chunk.")
     timeout_s: float = Field(30.0, gt=0, description="Live mode: HTTP timeout per request.")
     max_retries: int = Field(6, ge=0, description="Live mode: retries (with backoff) on errors/5xx.")
+    policy: Optional[str] = Field(None, description=(
+        "Offline: also replay under this policy file from `raycache calibrate` (one model; refused "
+        "when fitted for another model) and report its realised per-request false-hit rate."))
+    operating_point: bool = Field(True, description=(
+        "Offline: report correct-hit rate at per-arrival false-hit <= δ for each operating delta, the "
+        "threshold chosen on a calibration stream disjoint by group (calibration_stream, else half "
+        "of this stream's groups; the other half is the test stream)."))
+    operating_deltas: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05],
+                                          description="False-hit budgets of the operating point.")
+    calibration_stream: Optional[str] = Field(None, description=(
+        "Offline operating point: calibration stream (disjoint by group from `stream`, the test)."))
+    calibration_embeddings: Optional[str] = Field(None, description=(
+        "Precomputed embeddings (.npy) of calibration_stream (with `embeddings`)."))
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Operating point: confidence of the bound.")
+    seed: int = Field(0, description="Operating point: seed of the split by group.")
+
+
+class CalibrateConfig(_Base):
+    """Choose the cache threshold for a per-request false-hit budget on a replayed labelled stream."""
+
+    stream: str = Field(..., description="Labelled calibration stream (prompt + group or answers), arrival order.")
+    out: str = Field("policy.json", description="Policy file to write (JSON).")
+    encoder: EncoderConfig = EncoderConfig()
+    cache: CacheConfig = CacheConfig(capacity=None)
+    read: ReadConfig = ReadConfig()
+    target_false_hit: float = Field(0.02, gt=0, lt=1, description="δ: the false-hit budget.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
+    bound: Literal["per_request", "among_hits"] = Field("per_request", description=(
+        "per_request: wrong cached answers / all requests; among_hits: wrong / cached answers."))
+    thresholds: list[float] = Field(default_factory=list,
+                                    description="Candidate thresholds; empty = 0.300…0.995 step 0.005.")
+    embeddings: Optional[str] = Field(None, description="Precomputed embeddings (.npy) for the stream.")
+    replay: Literal["auto", "vectorized", "engine"] = Field(
+        "auto", description="Replay: vectorized where exact, else the engine one by one.")
 
 
 class PipelineConfig(_Base):
@@ -292,7 +331,8 @@ def _yaml_lines(model: type[_Base], indent: int = 0) -> list[str]:
 SECTIONS: dict[str, type[_Base]] = {
     "encoder": EncoderConfig, "cache": CacheConfig, "read": ReadConfig,
     "generate": GenerateConfig, "mine": MineConfig, "label": LabelConfig, "train": TrainConfig,
-    "evaluate": EvaluateConfig, "serve": ServeConfig, "simulate": SimulateConfig, "pipeline": PipelineConfig,
+    "evaluate": EvaluateConfig, "serve": ServeConfig, "simulate": SimulateConfig,
+    "calibrate": CalibrateConfig, "pipeline": PipelineConfig,
 }
 
 

@@ -468,7 +468,15 @@ def load_calibration_pairs(path: str) -> tuple[list[str], list[str], np.ndarray]
 
 def policy_from_config(cfg: CacheConfig, encoder: Any = None) -> DecisionPolicy:
     """StaticThreshold(cfg.threshold), or CalibratedThreshold fitted on ``cfg.calibration_pairs``
-    embedded with ``encoder`` (target δ = ``cfg.target_false_hit``)."""
+    embedded with ``encoder`` (target δ = ``cfg.target_false_hit``); with ``cfg.policy_file``, the
+    threshold of that file (``raycache calibrate``), checked against ``encoder.source`` when known."""
+    if cfg.policy_file:
+        from raycache.calibration import PolicyFile, load_policy
+
+        source = getattr(encoder, "source", None)
+        policy_file = (load_policy(cfg.policy_file, source) if source is not None
+                       else PolicyFile.read(cfg.policy_file))
+        return policy_file.decision_policy(cfg.policy_file)
     if cfg.policy == "static":
         return StaticThreshold(cfg.threshold)
     if not cfg.calibration_pairs:

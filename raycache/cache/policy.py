@@ -1,8 +1,16 @@
 """Decision policies: is the most similar cached prompt close enough to reuse its response?
 
 * :class:`StaticThreshold` — hit iff cosine ≥ a fixed threshold.
-* :class:`CalibratedThreshold` — the threshold chosen from labelled calibration pairs so that the
-  one-sided Clopper–Pearson upper confidence bound on the false-hit rate is at most δ.
+* :class:`PolicyThreshold` — the threshold of a policy file written by ``raycache calibrate``
+  (:mod:`raycache.calibration`), chosen on a replayed labelled stream so that the per-request
+  false-hit rate (``bound: per_request``: wrong cached answers / all requests) has an upper
+  confidence bound ≤ δ, by fixed-sequence testing (valid across every threshold tried).
+* :class:`CalibratedThreshold` — ``bound: among_hits``, fitted from labelled calibration *pairs*:
+  the lowest threshold whose one-sided Clopper–Pearson bound on the share of wrong hits among pairs
+  at or above it is at most δ.
+
+Two meanings of δ, explicitly named: ``per_request`` bounds P(a request is answered from the cache
+with a response that does not answer it); ``among_hits`` bounds P(wrong | answered from the cache).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
@@ -56,9 +64,27 @@ def clopper_pearson_upper(failures, trials, confidence: float = 0.95):
     return upper if upper.ndim else float(upper)
 
 
+@dataclass
+class PolicyThreshold:
+    """Hit iff cosine ≥ ``threshold``, a threshold loaded from a calibrated policy file (+inf: never
+    hits semantically). ``meta``: what the file says about it (δ, bound kind, UCB, sample sizes,
+    model, path), reported by :meth:`describe`."""
+
+    threshold: float
+    meta: dict = field(default_factory=dict)
+
+    def is_hit(self, similarity: float) -> bool:
+        return similarity >= self.threshold
+
+    def describe(self) -> dict:
+        return {"policy": "file", **self.meta,
+                "threshold": self.threshold if math.isfinite(self.threshold) else None}
+
+
 @dataclass(frozen=True)
 class CalibratedThreshold:
-    """A threshold with a stated bound on its false-hit rate (build it with :meth:`fit`).
+    """A threshold with a stated bound on its false-hit rate *among hits* (``bound: among_hits``;
+    build it with :meth:`fit`). For a per-request budget, use ``raycache calibrate`` instead.
 
     ``bound``: the upper confidence bound on P(pair cannot share a response | similarity ≥
     threshold) among the calibration pairs; ``n``: calibration pairs; ``n_above``: pairs at or above
@@ -83,7 +109,8 @@ class CalibratedThreshold:
 
     def describe(self) -> dict:
         """JSON-safe summary (threshold None when no threshold qualified)."""
-        return {"policy": "calibrated", **asdict(self), "qualified": self.qualified,
+        return {"policy": "calibrated", "bound_kind": "among_hits", **asdict(self),
+                "qualified": self.qualified,
                 "threshold": self.threshold if self.qualified else None}
 
     @classmethod

@@ -10,7 +10,9 @@
   and reports the same metrics plus latency percentiles and throughput.
 
 Both write ``simulation.json`` in ``cfg.out``. Modules: ``metrics`` (scoring, oracle, headline),
-``offline`` (embedding, vectorized and engine replays, sweep), ``live`` (HTTP replay), ``plot``.
+``offline`` (embedding, vectorized and engine replays, sweep), ``live`` (HTTP replay), ``plot``,
+``operating`` (the operating point: correct-hit rate at per-arrival false-hit ≤ δ, threshold chosen
+on a calibration stream disjoint by group; :func:`operating_point`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,30 @@ from raycache.config import SimulateConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "read_stream_frame", "summarize", "write_json_atomic"]
+__all__ = ["run", "read_stream_frame", "summarize", "write_json_atomic", "operating_point",
+           "operating_point_split", "split_by_group"]
+
+
+def operating_point(calib, test, model=None, **kwargs):
+    """Correct-hit rate at per-arrival false-hit ≤ δ on ``test``, the threshold chosen on ``calib``
+    (disjoint by group): see :func:`raycache.simulation.operating.operating_point`."""
+    from raycache.simulation.operating import operating_point as _operating_point
+
+    return _operating_point(calib, test, model, **kwargs)
+
+
+def operating_point_split(stream, vectors=None, model=None, **kwargs):
+    """:func:`operating_point` on one stream split by group into calibration and test halves."""
+    from raycache.simulation.operating import operating_point_split as _split
+
+    return _split(stream, vectors, model, **kwargs)
+
+
+def split_by_group(stream, fraction: float = 0.5, seed: int = 0):
+    """[n] bool, True for the calibration part: whole groups on one side (see ``operating``)."""
+    from raycache.simulation.operating import split_by_group as _split_by_group
+
+    return _split_by_group(stream, fraction, seed)
 
 
 def read_stream_frame(cfg: SimulateConfig):

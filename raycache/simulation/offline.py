@@ -548,8 +548,68 @@ def simulate_model(stream: pd.DataFrame, vectors: np.ndarray, cfg, mode: str,
         threshold = policy.threshold if np.isfinite(policy.threshold) else None
         entry["calibrated"] = {**replay_metrics(stream, calibrated, threshold, mode),
                                "policy": policy.describe(), "replay": "engine"}
+    if getattr(cfg, "policy", None):
+        entry["policy"] = policy_replay(stream, replay_stream, cfg, mode, model, times)
     entry["_decisions"] = decisions
     return entry
+
+
+def policy_replay(stream: pd.DataFrame, replay_stream: ReplayStream, cfg, mode: str,
+                  model: Optional[str], times: Optional[np.ndarray] = None) -> dict:
+    """Replay under the policy file ``cfg.policy`` (checked against ``model``; nothing refitted):
+    its metrics, the file's claims, and whether the realised rate of its bound kind is ≤ its δ."""
+    from raycache.calibration import load_policy
+    from raycache.simulation.metrics import replay_metrics
+
+    policy_file = load_policy(cfg.policy, model)
+    policy = policy_file.decision_policy(cfg.policy)
+    decisions, _ = replay_engine(replay_stream, cfg.cache, policy=policy, times=times,
+                                 chunk_size=cfg.chunk_size)
+    m = replay_metrics(stream, decisions, policy_file.threshold, mode)
+    realised = None
+    if m["false_hits"] is not None:
+        realised = (m["false_hit_rate"] if policy_file.bound == "per_request"
+                    else (m["false_hits"] / m["hits"] if m["hits"] else 0.0))
+    return {**m, "replay": "engine", "policy": policy.describe(), "bound": policy_file.bound,
+            "realised_rate": realised,
+            "within_delta": None if realised is None else bool(realised <= policy_file.delta + 1e-12)}
+
+
+def operating_point_entry(cfg, stream: pd.DataFrame, vectors: np.ndarray, model: Optional[str],
+                          name: str, out: Path, mode: str) -> Optional[dict]:
+    """The operating point (:mod:`raycache.simulation.operating`) for one model: calibration on
+    ``cfg.calibration_stream`` (test = the stream), else on half of the stream's groups."""
+    from raycache.simulation.operating import operating_point, operating_point_split
+
+    if not cfg.operating_point or mode == "unknown":
+        return None
+    common = dict(deltas=cfg.operating_deltas, confidence=cfg.confidence, cache=cfg.cache)
+    if not cfg.calibration_stream:
+        if len(stream) < 2:
+            return None
+        try:
+            return operating_point_split(stream, vectors, model, seed=cfg.seed, **common)
+        except DataError as exc:
+            logger.warning("%s: no operating point: %s", name, exc)
+            return {"skipped": str(exc)}
+    from raycache.data import parse_columns, read_stream
+
+    calib = read_stream(cfg.calibration_stream, columns=parse_columns(cfg.read.columns),
+                        skip_invalid=cfg.read.skip_invalid)
+    if cfg.calibration_embeddings:
+        calib_vectors = load_embeddings(cfg.calibration_embeddings, len(calib))
+    elif cfg.embeddings:
+        raise ConfigError("calibration_stream with precomputed embeddings needs "
+                          "calibration_embeddings too")
+    else:
+        _ensure_ray()
+        calib_vectors = embed_stream(calib["prompt"].astype(str).tolist(),
+                                     cfg.encoder.model_copy(update={"model": model}),
+                                     out / "embeddings" / f"{name}_calibration.npy")
+    result = operating_point(calib, stream, model, calib_vectors=np.asarray(calib_vectors),
+                             test_vectors=np.asarray(vectors), **common)
+    result["split"] = {"calibration": cfg.calibration_stream, "test": cfg.stream}
+    return result
 
 
 def run_offline(cfg, stream: pd.DataFrame, out: Path) -> dict:
@@ -558,6 +618,13 @@ def run_offline(cfg, stream: pd.DataFrame, out: Path) -> dict:
     from raycache.simulation.plot import plot_hit_vs_false_hit
 
     models = [resolve_model(m) for m in (cfg.models or [cfg.encoder.model])]
+    if cfg.policy and len(models) > 1:
+        raise ConfigError("policy: a policy file is fitted for one model; "
+                          f"got {len(models)} models")
+    if cfg.policy:  # refuse a policy fitted for another model before embedding anything
+        from raycache.calibration import load_policy
+
+        load_policy(cfg.policy, models[0])
     if cfg.embeddings and len(models) > 1:
         raise ConfigError("embeddings: one precomputed .npy matches one model; "
                           f"got {len(models)} models")
@@ -582,6 +649,15 @@ def run_offline(cfg, stream: pd.DataFrame, out: Path) -> dict:
         embed_s = time.perf_counter() - started
         entry = simulate_model(stream, vectors, cfg, mode, model)
         decisions = entry.pop("_decisions")
+        op = operating_point_entry(cfg, stream, vectors, model, name, out, mode)
+        if op is not None:
+            entry["operating_point"] = op
+            for d in op.get("deltas", []):
+                fs, best = d["fixed_sequence"], d["best_on_test"]
+                logger.info("%s: δ=%g: correct-hit %.4f (false-hit %.4f, threshold %s) with the "
+                            "calibrated threshold; best on the test part %s", name, d["delta"],
+                            fs["correct_hit_rate"], fs["false_hit_rate"], fs["threshold"],
+                            f"{best['correct_hit_rate']:.4f}" if best else "none")
         if cfg.threshold is not None:
             path = out / f"decisions_{name}.parquet"
             decisions[float(cfg.threshold)].to_frame().to_parquet(path)

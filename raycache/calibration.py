@@ -1,0 +1,444 @@
+"""Calibrating the cache threshold for a per-request false-hit budget (``raycache calibrate``).
+
+What δ means (``bound``):
+
+* ``per_request`` (the default): P(a request is answered from the cache with a response that does
+  not answer it) ≤ δ. The rate's denominator is *every arrival*, hits and misses alike: it is the
+  share of users who get a wrong cached answer, the budget users state.
+* ``among_hits``: P(the answer is wrong | the request was answered from the cache) ≤ δ, i.e. the
+  share of wrong hits among hits. This is what :class:`raycache.cache.policy.CalibratedThreshold`
+  bounds on a labelled *pair* file (``cache.policy: calibrated``); here it is measured on the replayed
+  stream instead. It is much stricter in practice: a threshold that serves few hits, a quarter of
+  them wrong, passes ``per_request`` but not ``among_hits``.
+
+How the threshold is chosen (:func:`fixed_sequence`). The labelled calibration stream is replayed in
+arrival order with the engine's decision rule (the offline simulator's sweep,
+:func:`raycache.simulation.offline.replay_sweep`: look up, hit when the nearest stored prompt of the
+scope has cosine ≥ t or the normalised text is stored, store on a miss) once per candidate threshold
+t. For each t that gives n_t trials and k_t failures (``per_request``: n_t = arrivals, k_t = false
+hits; ``among_hits``: n_t = hits, k_t = false hits), and the one-sided Clopper–Pearson upper bound
+
+    UCB_t = Beta⁻¹(1 − α; k_t + 1, n_t − k_t)        (α = 1 − confidence; UCB_t = 1 when k_t = n_t)
+
+satisfies P(p_t ≤ UCB_t) ≥ 1 − α for the true rate p_t. The thresholds are then tested in a fixed
+order, from the highest to the lowest: test H_t: p_t > δ, reject it when UCB_t ≤ δ, and stop at the
+first threshold that is not rejected. The chosen threshold t̂ is the lowest one rejected (None when the
+first fails: the policy never hits semantically).
+
+Why this is valid across the many thresholds tried (fixed-sequence testing; Learn-then-Test,
+Angelopoulos et al. 2021, with the fixed-sequence family-wise procedure): the order is fixed before
+the labels are seen, and each test has level α. Let t* be the first threshold in the order whose
+null is true (p_t* > δ). The procedure can only return a threshold with p > δ if it rejects H_t*, and
+reaching t* needs nothing else that could fail, so
+
+    P(p_t̂ > δ) ≤ P(reject H_t*) = P(UCB_t* ≤ δ) ≤ P(UCB_t* < p_t*) ≤ α,
+
+whatever the number of thresholds. No Bonferroni correction is needed, so a fine grid costs nothing.
+(Picking the lowest threshold whose pointwise bound passes *anywhere* in the grid, as the pair
+calibration does, has no such guarantee: measured 8.5% failures at a nominal 5%.)
+
+What the guarantee assumes. The binomial bound treats the calibration arrivals' outcomes as
+exchangeable draws from the traffic the policy will serve. In a replay they are dependent through the
+cache (what is stored depends on earlier arrivals), and the per-request false-hit rate grows with the
+cache's size; so calibrate on a stream like production traffic and of a similar length (or a sliding
+window of it), and verify online. For ``among_hits`` the sequence starts at the highest threshold
+with enough hits for a zero-failure test to pass at all (n ≥ ln α / ln(1 − δ)); that start depends on
+the similarities only, not the labels, so the argument above holds conditionally on them.
+
+A policy file (:class:`PolicyFile`, JSON) records the threshold, δ, confidence, bound kind, the UCB at
+the threshold, the sample sizes, the tested sequence, and the model it was fitted for (its path and a
+fingerprint of its folder: :func:`model_identity`). ``simulate --policy`` and ``serve --policy-file``
+load it with :func:`load_policy`, which refuses a policy fitted for another model; nothing is
+refitted at start-up.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from raycache.cache.policy import clopper_pearson_upper
+from raycache.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BOUNDS = ("per_request", "among_hits")
+POLICY_FORMAT = "raycache-policy/1"
+SMALL_FILE_BYTES = 2 << 20  # model files hashed whole below this size; larger ones head + tail
+EDGE_BYTES = 1 << 20
+SKIPPED_FILES = ("README.md", ".gitattributes")
+
+
+def calibration_thresholds() -> list[float]:
+    """The default grid of candidate thresholds: 0.300 … 0.995 in steps of 0.005 (fixed-sequence
+    testing pays nothing for a fine grid; the replay's cost grows with its length)."""
+    return [round(0.30 + 0.005 * i, 4) for i in range(140)]
+
+
+# ----------------------------------------------------------------------------- per-threshold counts
+@dataclass
+class ThresholdCounts:
+    """Outcome of replaying one stream under each threshold; arrays share the thresholds' order
+    (descending: the order fixed-sequence testing uses).
+
+    ``arrivals``: stream length; ``hits``, ``exact_hits``, ``correct_hits``, ``false_hits``,
+    ``unknown_hits`` [T] int64 (unknown: hits whose correctness the stream cannot tell; counted as
+    false by the bounds); ``exact_correct_hits``: correct hits answered by the exact tier.
+    """
+
+    thresholds: np.ndarray
+    arrivals: int
+    hits: np.ndarray
+    exact_hits: np.ndarray
+    correct_hits: np.ndarray
+    false_hits: np.ndarray
+    unknown_hits: np.ndarray
+    exact_correct_hits: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.exact_correct_hits is None:
+            self.exact_correct_hits = np.asarray(self.exact_hits, np.int64).copy()
+
+    def trials_and_failures(self, bound: str) -> tuple[np.ndarray, np.ndarray]:
+        failures = self.false_hits + self.unknown_hits
+        if bound == "per_request":
+            return np.full(len(self.thresholds), self.arrivals, np.int64), failures
+        if bound == "among_hits":
+            return self.hits.astype(np.int64), failures
+        raise ConfigError(f"bound must be one of {BOUNDS}, got {bound!r}")
+
+    def row(self, i: int) -> dict:
+        n = self.arrivals
+        semantic = int(self.hits[i] - self.exact_hits[i])
+        return {"threshold": float(self.thresholds[i]), "arrivals": n, "hits": int(self.hits[i]),
+                "exact_hits": int(self.exact_hits[i]), "semantic_hits": semantic,
+                "correct_hits": int(self.correct_hits[i]), "false_hits": int(self.false_hits[i]),
+                "unknown_hits": int(self.unknown_hits[i]),
+                "hit_rate": self.hits[i] / n if n else None,
+                "correct_hit_rate": self.correct_hits[i] / n if n else None,
+                "false_hit_rate": self.false_hits[i] / n if n else None}
+
+
+def counts_from_outcomes(similarity: np.ndarray, wrong: np.ndarray, thresholds: Sequence[float],
+                         exact: Optional[np.ndarray] = None) -> ThresholdCounts:
+    """Counts when each arrival's best match does not depend on the threshold (synthetic streams,
+    tests): arrival i hits under t iff ``similarity[i]`` ≥ t (or ``exact[i]``), and a hit is false
+    iff ``wrong[i]``. ``similarity``/``wrong``/``exact`` [n]."""
+    sims = np.asarray(similarity, np.float64)
+    wrong = np.asarray(wrong, bool)
+    exact = np.zeros(len(sims), bool) if exact is None else np.asarray(exact, bool)
+    ts = np.sort(np.asarray(thresholds, np.float64))[::-1]
+    hit = (sims[None, :] >= ts[:, None]) | exact[None, :]
+    false = (hit & wrong[None, :] & ~exact[None, :]).sum(axis=1)
+    hits = hit.sum(axis=1)
+    return ThresholdCounts(ts, len(sims), hits, np.full(len(ts), int(exact.sum())), hits - false,
+                           false, np.zeros(len(ts), np.int64))
+
+
+def stream_counts(stream, vectors: np.ndarray, thresholds: Optional[Sequence[float]] = None,
+                  cache=None, replay: str = "auto", chunk_size: Optional[int] = None,
+                  times: Optional[np.ndarray] = None) -> ThresholdCounts:
+    """Replay a labelled stream (``prompt`` + ``group`` or ``answers``, optional ``namespace``) with
+    the engine's decision rule under every threshold -> :class:`ThresholdCounts`.
+
+    The replay is the offline simulator's (:func:`raycache.simulation.offline.replay_sweep`: the
+    vectorized replay where exact, the engine one arrival at a time otherwise) and correctness is
+    the simulator's (:func:`raycache.simulation.metrics.hit_correctness`). ``vectors`` [n, dim];
+    ``cache``: the :class:`CacheConfig` to reproduce (default: unbounded, exact tier on).
+    """
+    from raycache.config import CacheConfig
+    from raycache.data import DataError
+    from raycache.simulation.metrics import correctness_mode, hit_correctness
+    from raycache.simulation.offline import DEFAULT_CHUNK, ReplayStream, replay_sweep
+
+    mode = correctness_mode(stream)
+    if mode == "unknown":
+        raise DataError("calibration needs a labelled stream: a 'group' column (arrivals in one "
+                        "group share a response) or an 'answers' column")
+    cache = cache if cache is not None else CacheConfig(capacity=None)
+    ts = sorted({float(t) for t in (thresholds or calibration_thresholds())}, reverse=True)
+    replay_stream = ReplayStream.from_frame(stream, vectors)
+    decisions, _ = replay_sweep(replay_stream, cache, ts, replay, chunk_size or DEFAULT_CHUNK, times)
+    out = {k: np.zeros(len(ts), np.int64)
+           for k in ("hits", "exact", "correct", "false", "unknown", "exact_correct")}
+    for i, t in enumerate(ts):
+        verdict = hit_correctness(stream, decisions[t], mode)
+        out["exact_correct"][i] = int((verdict[decisions[t].exact] == 1).sum())
+        out["hits"][i] = int(decisions[t].hit.sum())
+        out["exact"][i] = int(decisions[t].exact.sum())
+        out["correct"][i] = int((verdict == 1).sum())
+        out["false"][i] = int((verdict == 0).sum())
+        out["unknown"][i] = int((verdict == -1).sum())
+    return ThresholdCounts(np.array(ts), len(stream), out["hits"], out["exact"], out["correct"],
+                           out["false"], out["unknown"], out["exact_correct"])
+
+
+# ----------------------------------------------------------------------------- threshold selection
+@dataclass
+class Selection:
+    """The threshold a rule chose (``index`` into the counts, None: no threshold qualifies) and the
+    evidence: ``ucb`` [T] (NaN where not computed), ``tested``: how many thresholds were tested."""
+
+    rule: str
+    index: Optional[int]
+    threshold: Optional[float]
+    ucb: np.ndarray
+    tested: int
+
+
+def min_trials_to_pass(delta: float, confidence: float) -> int:
+    """The fewest trials for which zero failures give a Clopper–Pearson bound ≤ δ:
+    n ≥ ln(1 − confidence) / ln(1 − δ)."""
+    return int(math.ceil(math.log(1 - confidence) / math.log(1 - delta) - 1e-12))
+
+
+def fixed_sequence(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
+                   bound: str = "per_request") -> Selection:
+    """Fixed-sequence testing from the highest threshold down; stop at the first failure (see the
+    module docstring for the procedure, the formula and why it is valid across all thresholds)."""
+    _check_delta(delta, confidence)
+    trials, failures = counts.trials_and_failures(bound)
+    ucb = np.full(len(trials), np.nan)
+    start = 0
+    if bound == "among_hits":  # label-independent start: the first test that could pass at all
+        enough = np.flatnonzero(trials >= min_trials_to_pass(delta, confidence))
+        start = int(enough[0]) if len(enough) else len(trials)
+    chosen, tested = None, 0
+    for i in range(start, len(trials)):
+        tested += 1
+        ucb[i] = clopper_pearson_upper(int(failures[i]), int(trials[i]), confidence) if trials[i] else 1.0
+        if ucb[i] > delta:
+            break
+        chosen = i
+    return Selection("fixed_sequence", chosen, None if chosen is None else float(counts.thresholds[chosen]),
+                     ucb, tested)
+
+
+def empirical_rule(counts: ThresholdCounts, delta: float, bound: str = "per_request") -> Selection:
+    """The plain rule: the lowest threshold whose *empirical* rate (failures / trials) is ≤ δ. No
+    confidence: about half the time its true rate exceeds δ when the curve crosses δ there."""
+    trials, failures = counts.trials_and_failures(bound)
+    rate = np.where(trials > 0, failures / np.maximum(trials, 1), 0.0 if bound == "among_hits" else 1.0)
+    ok = np.flatnonzero(rate <= delta + 1e-12)
+    chosen = int(ok[-1]) if len(ok) else None  # thresholds descend: the last one is the lowest
+    return Selection("empirical", chosen, None if chosen is None else float(counts.thresholds[chosen]),
+                     np.full(len(trials), np.nan), len(trials))
+
+
+def _check_delta(delta: float, confidence: float) -> None:
+    if not 0 < delta < 1:
+        raise ConfigError(f"the target false-hit rate must lie in (0, 1), got {delta}")
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+# ----------------------------------------------------------------------------- model identity
+def _resolve_model_folder(model: Optional[str]) -> Optional[Path]:
+    from raycache.encoder import default_model_path, is_default_model
+
+    if is_default_model(model):
+        return default_model_path()
+    path = Path(str(model)).expanduser()
+    return path if path.is_dir() else None
+
+
+def model_fingerprint(model: Optional[str]) -> str:
+    """``sha256:<16 hex>`` of a model folder: every file's relative path and size, the whole content
+    of files under 2 MiB (configs, similarity_head.json, tokenizer) and the first and last MiB of
+    larger ones (weights). The same model copied elsewhere has the same fingerprint; a fine-tune
+    (new weights and head) does not. A hub id that is not a local folder is fingerprinted by name."""
+    folder = _resolve_model_folder(model)
+    digest = hashlib.sha256()
+    if folder is None:
+        digest.update(f"hub:{model}".encode())
+        return "sha256:" + digest.hexdigest()[:16]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.name in SKIPPED_FILES or rel.startswith(".") or "/." in rel:
+            continue
+        size = path.stat().st_size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= SMALL_FILE_BYTES:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(EDGE_BYTES))
+                f.seek(size - EDGE_BYTES)
+                digest.update(f.read(EDGE_BYTES))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def model_identity(model: Optional[str]) -> dict:
+    """``{path, fingerprint}``: the model as named (``default`` for the embedded one) and
+    :func:`model_fingerprint`."""
+    from raycache.encoder import is_default_model
+
+    name = "default" if is_default_model(model) else str(model)
+    return {"path": name, "fingerprint": model_fingerprint(model)}
+
+
+# ----------------------------------------------------------------------------- the policy file
+@dataclass
+class PolicyFile:
+    """What ``raycache calibrate`` writes and the service and simulator load (JSON).
+
+    ``threshold``: None when no threshold qualified (the policy then never hits semantically);
+    ``ucb``: the upper confidence bound of the chosen threshold's rate (``bound`` kind);
+    ``n_arrivals`` / ``n_hits`` / ``n_false_hits``: the calibration replay at that threshold;
+    ``tested``: the fixed sequence as tested, [{threshold, trials, failures, ucb}] high to low;
+    ``model``: {path, fingerprint} it was fitted for.
+    """
+
+    threshold: Optional[float]
+    delta: float
+    confidence: float
+    bound: str
+    ucb: Optional[float]
+    n_arrivals: int
+    n_hits: int
+    n_false_hits: int
+    n_unknown_hits: int
+    model: dict
+    stream: Optional[str] = None
+    method: str = "fixed_sequence"
+    created: str = ""
+    thresholds_tried: int = 0
+    tested: list = field(default_factory=list)
+    max_length: Optional[int] = None
+    format: str = POLICY_FORMAT
+
+    @property
+    def qualified(self) -> bool:
+        return self.threshold is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        from raycache.simulation import write_json_atomic
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.to_dict(), path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "PolicyFile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"policy file not found: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a JSON policy file ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
+            raise ConfigError(f"{path}: not a raycache policy file (expected format {POLICY_FORMAT!r}; "
+                              f"write one with `raycache calibrate`)")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            policy = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"{path}: incomplete policy file ({exc})") from None
+        if policy.bound not in BOUNDS:
+            raise ConfigError(f"{path}: bound must be one of {BOUNDS}, got {policy.bound!r}")
+        if policy.threshold is not None and not (-1 <= float(policy.threshold) <= 1):
+            raise ConfigError(f"{path}: threshold {policy.threshold} is not a cosine in [-1, 1]")
+        return policy
+
+    def check_model(self, model: Optional[str], source: str = "the policy file") -> None:
+        """ConfigError unless ``model`` has the fingerprint this policy was fitted for."""
+        mine = model_identity(model)
+        fitted = self.model or {}
+        if fitted.get("fingerprint") != mine["fingerprint"]:
+            raise ConfigError(
+                f"{source} was calibrated for model {fitted.get('path')!r} (fingerprint "
+                f"{fitted.get('fingerprint')}), but this run uses {mine['path']!r} (fingerprint "
+                f"{mine['fingerprint']}); a threshold does not carry over between encoders. "
+                f"Recalibrate: raycache calibrate --stream CALIB --model {mine['path']} --out policy.json")
+
+    def decision_policy(self, path: Optional[str] = None):
+        """The engine's decision policy for this file (:class:`raycache.cache.policy.PolicyThreshold`)."""
+        from raycache.cache.policy import PolicyThreshold
+
+        threshold = math.inf if self.threshold is None else float(self.threshold)
+        meta = {k: v for k, v in self.to_dict().items() if k not in ("tested", "threshold", "format")}
+        return PolicyThreshold(threshold=threshold, meta={**meta, "path": path})
+
+
+def load_policy(path: str, model: Optional[str]) -> PolicyFile:
+    """Read a policy file and check it was fitted for ``model`` (ConfigError otherwise)."""
+    policy = PolicyFile.read(path)
+    policy.check_model(model, f"policy file {path}")
+    if not policy.qualified:
+        logger.warning("policy file %s: no threshold met δ=%g at calibration; the cache will answer "
+                       "exact repeats only", path, policy.delta)
+    return policy
+
+
+def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
+               bound: str = "per_request", model: Optional[str] = None,
+               stream: Optional[str] = None, max_length: Optional[int] = None) -> PolicyFile:
+    """Fixed-sequence selection on ``counts`` -> the :class:`PolicyFile` (not yet written)."""
+    selection = fixed_sequence(counts, delta, confidence, bound)
+    trials, failures = counts.trials_and_failures(bound)
+    tested = [{"threshold": float(counts.thresholds[i]), "trials": int(trials[i]),
+               "failures": int(failures[i]), "ucb": float(selection.ucb[i])}
+              for i in range(len(trials)) if not math.isnan(selection.ucb[i])]
+    i = selection.index
+    return PolicyFile(
+        threshold=selection.threshold, delta=delta, confidence=confidence, bound=bound,
+        ucb=None if i is None else float(selection.ucb[i]), n_arrivals=counts.arrivals,
+        n_hits=0 if i is None else int(counts.hits[i]),
+        n_false_hits=0 if i is None else int(counts.false_hits[i]),
+        n_unknown_hits=0 if i is None else int(counts.unknown_hits[i]),
+        model=model_identity(model), stream=stream,
+        created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        thresholds_tried=len(counts.thresholds), tested=tested, max_length=max_length)
+
+
+# ----------------------------------------------------------------------------- the job
+def run(cfg) -> dict:
+    """``raycache calibrate``: replay ``cfg.stream`` under every candidate threshold, choose by
+    fixed-sequence testing, write the policy file ``cfg.out``; returns a summary."""
+    from raycache.simulation import read_stream_frame
+    from raycache.simulation.offline import (arrival_times, embed_stream, load_embeddings,
+                                             resolve_model, _ensure_ray)
+
+    started = time.perf_counter()
+    stream = read_stream_frame(cfg)
+    model = resolve_model(cfg.encoder.model)
+    if cfg.embeddings:
+        vectors = load_embeddings(cfg.embeddings, len(stream))
+    else:
+        _ensure_ray()
+        out = Path(cfg.out)
+        vectors = embed_stream(stream["prompt"].astype(str).tolist(),
+                               cfg.encoder.model_copy(update={"model": model}),
+                               out.with_name(out.stem + ".embeddings.npy"))
+    counts = stream_counts(stream, vectors, cfg.thresholds or None, cfg.cache, cfg.replay,
+                           times=arrival_times(stream, None))
+    policy = fit_policy(counts, cfg.target_false_hit, cfg.confidence, cfg.bound, model,
+                        cfg.stream, cfg.encoder.max_length)
+    path = policy.write(cfg.out)
+    if policy.qualified:
+        logger.info("calibrated threshold %.4f: %s false-hit bound %.4f <= %g at %.0f%% confidence "
+                    "(%d arrivals, %d hits, %d false)", policy.threshold, policy.bound, policy.ucb,
+                    policy.delta, 100 * policy.confidence, policy.n_arrivals, policy.n_hits,
+                    policy.n_false_hits)
+    else:
+        logger.warning("no threshold meets a %s false-hit bound of %g on %d arrivals; the policy "
+                       "never hits semantically", policy.bound, policy.delta, policy.n_arrivals)
+    summary = {k: v for k, v in policy.to_dict().items() if k != "tested"}
+    at = int(np.flatnonzero(counts.thresholds == policy.threshold)[0]) if policy.qualified else None
+    return {**summary, "policy_file": str(path), "qualified": policy.qualified,
+            "at_threshold": counts.row(at) if at is not None else None,
+            "seconds": round(time.perf_counter() - started, 3)}
