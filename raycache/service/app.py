@@ -1,10 +1,11 @@
 """The Ray Serve application: ``Embedder`` -> ``CacheEngine`` <- ``Ingress`` (FastAPI).
 
 * ``Embedder``: the sentence encoder, requests batched across callers with ``@serve.batch``;
-  autoscaling replicas (CPU, or GPU when ``embedder_num_gpus`` > 0).
+  autoscaling replicas (CPU, or GPU when ``embedder_num_gpus`` > 0). With each vector it returns the
+  key of the prompt's text beyond the model's window, which scopes long prompts (an exact match).
 * ``CacheEngine``: one stateful replica owning the SemanticCache; loads the snapshot on start,
   saves it every ``persist_interval_s`` when changed and on shutdown; exports Ray metrics
-  (Prometheus through Ray's metrics agent).
+  (Prometheus through Ray's metrics agent), gauges updated on every request.
 * ``Ingress``: the FastAPI app of :mod:`raycache.service.api`.
 
 ``build_app(cfg)`` returns the bound application; ``app_builder(args)`` is the ``import_path`` target
@@ -30,7 +31,8 @@ from raycache.cache.engine import SemanticCache, load_calibration_pairs, row_cos
 from raycache.cache.persist import PeriodicSnapshot, SnapshotError, quarantine
 from raycache.cache.policy import CalibratedThreshold
 from raycache.config import CacheConfig, ConfigError, EncoderConfig, ServeConfig
-from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest
+from raycache.cache.scope import tail_key
+from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest, read_api_keys
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class Embedder:
     def dim(self) -> int:
         return self.encoder.dim
 
+    def window(self) -> int:
+        """Tokens embedded per prompt (longer prompts are scoped by their tail)."""
+        return self.encoder.max_length
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         vectors = await asyncio.to_thread(self.encoder.encode, texts, self.batch_size)
@@ -70,6 +76,11 @@ class Embedder:
         """float32 [len(texts), dim]; each text joins whatever batch is forming."""
         rows = await asyncio.gather(*(self._embed_batch(t) for t in texts))
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.encoder.dim), np.float32)
+
+    async def embed_with_tails(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(``embed(texts)``, the key of each text's part beyond the window; "" if it all fits)."""
+        vectors = await self.embed(texts)
+        return vectors, [tail_key(t) for t in self.encoder.unembedded_tails(texts)]
 
 
 class _EngineMetrics:
@@ -99,6 +110,8 @@ class _EngineMetrics:
         self.latency.observe(latency_ms)
 
     def record_state(self, stats: dict) -> None:
+        """Entries gauge and the eviction/expiration counters from ``stats`` (or the cheaper
+        ``SemanticCache.gauges``); called on every request."""
         self.entries.set(stats["entries"])
         for counter, reason in (("evictions", "evicted"), ("expirations", "expired")):
             delta = stats[counter] - self._seen[counter]
@@ -115,6 +128,7 @@ class CacheEngine:
         cfg = CacheConfig(**cache_cfg)
         self.embedder = embedder
         dim = await embedder.dim.remote()
+        self.window = await embedder.window.remote() if hasattr(embedder, "window") else None
         policy = await self._policy(cfg)
         self.cache = SemanticCache.from_config(cfg, encoder=None, dim=dim, policy=policy, model_tag=tag)
         self.backend = EngineBackend(self.cache, embed=self._embed)
@@ -126,8 +140,8 @@ class CacheEngine:
             self.saver = PeriodicSnapshot(cfg.persist_path, self.cache.snapshot,
                                           lambda: self.cache.version, cfg.persist_interval_s).start()
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
-        return await self.embedder.embed.remote(texts)
+    async def _embed(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        return await self.embedder.embed_with_tails.remote(texts)
 
     async def _policy(self, cfg: CacheConfig):
         if cfg.policy != "calibrated":
@@ -135,7 +149,7 @@ class CacheEngine:
         if not cfg.calibration_pairs:
             raise ConfigError("cache.policy 'calibrated' needs cache.calibration_pairs")
         prompts_a, prompts_b, labels = load_calibration_pairs(cfg.calibration_pairs)
-        sims = row_cosines(await self._embed(prompts_a), await self._embed(prompts_b))
+        sims = row_cosines((await self._embed(prompts_a))[0], (await self._embed(prompts_b))[0])
         return CalibratedThreshold.fit(sims, labels, cfg.target_false_hit, cfg.confidence)
 
     def _load(self, path: str) -> None:
@@ -154,12 +168,14 @@ class CacheEngine:
         started = time.perf_counter()
         results = await self.backend.lookup(prompts, namespace, histories)
         self.metrics.record_lookups(results, (time.perf_counter() - started) * 1000.0)
+        self.metrics.record_state(self.cache.gauges())
         return results
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int:
         entry_id = await self.backend.store(prompt, response, namespace, history, ttl_s)
         self.metrics.stores.inc()
+        self.metrics.record_state(self.cache.gauges())
         return entry_id
 
     async def stats(self) -> dict:
@@ -167,10 +183,12 @@ class CacheEngine:
         self.metrics.record_state(stats)
         persist = {"enabled": self.saver is not None, **self.snapshot_status,
                    **(self.saver.status() if self.saver else {})}
-        return {**stats, "persistence": persist}
+        return {**stats, "embed_window_tokens": self.window, "persistence": persist}
 
     async def clear(self, namespace: Optional[str] = None) -> int:
-        return self.cache.clear(namespace)
+        removed = self.cache.clear(namespace)
+        self.metrics.record_state(self.cache.gauges())
+        return removed
 
     def save(self) -> bool:
         """Write a snapshot now (if persistence is on); returns whether one was written."""
@@ -217,11 +235,19 @@ class Ingress:
 def api_settings(cfg: ServeConfig) -> ApiSettings:
     """HTTP settings for ``cfg``; the API key is read from env var ``cfg.api_key_env`` now and only
     its SHA-256 digest is passed on."""
-    return ApiSettings(api_key_sha256=key_digest(os.environ.get(cfg.api_key_env)),
+    api_keys = {}
+    if cfg.api_keys_file:
+        try:
+            api_keys = read_api_keys(cfg.api_keys_file)
+        except ValueError as exc:
+            raise ConfigError(f"--api-keys-file: {exc}") from None
+    return ApiSettings(api_key_sha256=key_digest(os.environ.get(cfg.api_key_env)), api_keys=api_keys,
                        max_request_bytes=cfg.max_request_bytes, max_prompt_chars=cfg.max_prompt_chars,
                        max_batch_prompts=cfg.max_batch_prompts, upstream=cfg.upstream,
                        upstream_timeout_s=cfg.upstream_timeout_s,
-                       upstream_api_key_env=cfg.upstream_api_key_env)
+                       upstream_api_key_env=cfg.upstream_api_key_env,
+                       chat_key_fields=cfg.chat_key_fields, chat_unkeyed_fields=cfg.chat_unkeyed_fields,
+                       chat_cache_tools=cfg.chat_cache_tools, chat_cache_n=cfg.chat_cache_n)
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:

@@ -22,11 +22,31 @@ def is_strict_json(value: Any) -> bool:
 
 
 class UpstreamError(Exception):
-    """The upstream failed or answered an error (``status``: its HTTP status, None if unreachable)."""
+    """The upstream failed or answered an error (``status``: its HTTP status, None if unreachable;
+    ``retry_after``: seconds, from its Retry-After header when it sent one)."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: Optional[int] = None, retry_after: Optional[str] = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> Optional[str]:
+    value = response.headers.get("retry-after", "").strip()
+    return value if value.isdigit() and len(value) <= 6 else None
+
+
+def completion_problem(data: Any) -> Optional[str]:
+    """Why ``data`` is not a chat completion the proxy can read (None if it is): ``choices`` must
+    be a list of objects, each ``message`` (when present) an object."""
+    if not isinstance(data, dict):
+        return "upstream answered JSON that is not an object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        return "upstream answered a completion whose 'choices' is not a list of objects"
+    if any(not isinstance(c.get("message", {}), dict) for c in choices):
+        return "upstream answered a completion whose 'message' is not an object"
+    return None
 
 
 class UpstreamTimeout(UpstreamError):
@@ -66,13 +86,14 @@ class UpstreamClient:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
         if response.status_code >= 400:
             raise UpstreamError(f"upstream answered {response.status_code}: {self._quote(response.text)}",
-                                response.status_code)
+                                response.status_code, _retry_after(response))
         try:
             data = response.json()
         except ValueError:
             raise UpstreamError("upstream answered invalid JSON", response.status_code) from None
-        if not isinstance(data, dict):
-            raise UpstreamError("upstream answered JSON that is not an object", response.status_code)
+        problem = completion_problem(data)
+        if problem:
+            raise UpstreamError(problem, response.status_code)
         if not is_strict_json(data):
             raise UpstreamError("upstream answered JSON with NaN/Infinity or invalid unicode (lone "
                                 "surrogates)", response.status_code)
@@ -91,7 +112,7 @@ class UpstreamClient:
             text = (await response.aread()).decode("utf-8", "replace")
             await response.aclose()
             raise UpstreamError(f"upstream answered {response.status_code}: {self._quote(text)}",
-                                response.status_code)
+                                response.status_code, _retry_after(response))
         return response
 
     def _quote(self, text: str) -> str:
