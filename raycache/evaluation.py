@@ -63,9 +63,68 @@ def similarity_metrics(similarities: np.ndarray, labels: Sequence[float],
         "best_f1": float(f1[best]),
         "best_f1_threshold": float(pr_thresholds[best]) if len(pr_thresholds) else float("nan"),
         "at_threshold": at,
+        "tpr_at_fpr": tpr_at_fpr(s, y),
         "n_pairs": int(len(y)),
         "positive_rate": float(y.mean()),
     }
+
+
+def tpr_at_fpr(similarities: np.ndarray, labels: Sequence[float],
+               fprs: Sequence[float] = (0.01, 0.02, 0.05)) -> dict[str, float]:
+    """{f"{fpr:g}": TPR} [for each FPR]: the share of positive pairs above the highest threshold at
+    which at most that share of negative pairs is above it — the high-similarity end of the ROC
+    curve, where a cache with a small false-hit budget sets its threshold."""
+    y = binarize(labels)
+    s = np.asarray(similarities, dtype=np.float64)
+    neg = np.sort(s[y == 0])[::-1]
+    pos = s[y == 1]
+    out = {}
+    for f in fprs:
+        k = int(np.floor(f * len(neg)))  # negatives allowed strictly above the threshold
+        cut = neg[k] if k < len(neg) else -np.inf  # threshold: the (k+1)-th highest negative
+        out[f"{f:g}"] = float((pos > cut).mean()) if len(pos) else float("nan")
+    return out
+
+
+def retrieval_operating_point(vectors: np.ndarray, groups: Sequence[int],
+                              deltas: Sequence[float] = (0.01, 0.02, 0.05)) -> dict[str, dict]:
+    """Per-query hit rates when every prompt is looked up against all the others.
+
+    ``vectors`` [m, dim] unit rows, ``groups`` [m] answer groups (equal = may share a response).
+    Each prompt's nearest other prompt is its would-be cache hit; at threshold t it hits when that
+    cosine is ≥ t, correctly when the neighbour is in its group. Returns, per δ, the threshold
+    with the most correct hits among those whose false-hit rate (false hits / m) is ≤ δ:
+    ``{f"{δ:g}": {"threshold", "correct_hit_rate", "false_hit_rate"}}``. A pair-file proxy of the
+    stream figure (chosen on the same data, so an optimistic one: use it to compare checkpoints,
+    not to report).
+    """
+    x = np.asarray(vectors, dtype=np.float32)
+    g = np.asarray(groups)
+    m = len(x)
+    if m < 2:
+        raise ValueError("need at least 2 prompts")
+    best_sim = np.full(m, -np.inf, dtype=np.float32)
+    best_j = np.zeros(m, dtype=np.int64)
+    for start in range(0, m, 1024):
+        block = x[start:start + 1024] @ x.T  # [b, m]
+        rows = np.arange(start, min(start + 1024, m))
+        block[rows - start, rows] = -np.inf
+        best_j[rows] = np.argmax(block, axis=1)
+        best_sim[rows] = block[rows - start, best_j[rows]]
+    correct = g[best_j] == g
+    order = np.argsort(-best_sim, kind="stable")
+    cum_correct = np.cumsum(correct[order]) / m  # hits = the top k+1 queries by similarity
+    cum_false = np.cumsum(~correct[order]) / m
+    out = {}
+    for d in deltas:
+        ok = np.flatnonzero(cum_false <= d + 1e-12)
+        if len(ok) == 0:
+            out[f"{d:g}"] = {"threshold": None, "correct_hit_rate": 0.0, "false_hit_rate": 0.0}
+            continue
+        k = int(ok[np.argmax(cum_correct[ok])])
+        out[f"{d:g}"] = {"threshold": float(best_sim[order[k]]),
+                         "correct_hit_rate": float(cum_correct[k]), "false_hit_rate": float(cum_false[k])}
+    return out
 
 
 def model_label(model: str | None) -> str:

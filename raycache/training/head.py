@@ -95,5 +95,12 @@ class PairScorer(nn.Module):
         emb = self.encoder(list(prompts_a) + list(prompts_b))
         return (emb[:n] * emb[n:]).sum(dim=-1)
 
-    def forward(self, prompts_a: Sequence[str], prompts_b: Sequence[str]) -> torch.Tensor:
-        return self.head(self.cosine(prompts_a, prompts_b))
+    def forward(self, prompts_a: Sequence[str], prompts_b: Sequence[str],
+                return_embeddings: bool = False):
+        """Logits [n]; with ``return_embeddings``, (logits [n], e(a) [n, dim], e(b) [n, dim])."""
+        if len(prompts_a) != len(prompts_b):
+            raise ValueError(f"got {len(prompts_a)} prompts_a but {len(prompts_b)} prompts_b")
+        n = len(prompts_a)
+        emb = self.encoder(list(prompts_a) + list(prompts_b))
+        logits = self.head((emb[:n] * emb[n:]).sum(dim=-1))
+        return (logits, emb[:n], emb[n:]) if return_embeddings else logits

@@ -58,38 +58,74 @@ def _read_table(path: str, cfg: TrainConfig, what: str) -> pd.DataFrame:
     return df
 
 
-def _validation_rows(cfg: TrainConfig) -> Optional[dict[str, list]]:
-    if cfg.val_pairs is None:
-        return None
-    val = _read_table(cfg.val_pairs, cfg, "--val-pairs")
+def _check_validation(val: pd.DataFrame, what: str) -> dict[str, list]:
     positives = int((val["label"] >= 0.5).sum())
     if positives in (0, len(val)):
-        raise ConfigError(f"--val-pairs {cfg.val_pairs}: AUC needs both positive and negative pairs "
+        raise ConfigError(f"{what}: AUC needs both positive and negative pairs "
                           f"(label >= 0.5: {positives} of {len(val)})")
     return _as_rows(val)
 
 
-def _training_data(cfg: TrainConfig) -> tuple[int, Optional[dict[str, list]], dict[str, Any]]:
-    """(number of pairs, in-memory rows or None, Ray datasets for the trainer)."""
+def _validation_rows(cfg: TrainConfig) -> Optional[dict[str, list]]:
+    if cfg.val_pairs is None:
+        return None
+    return _check_validation(_read_table(cfg.val_pairs, cfg, "--val-pairs"), f"--val-pairs {cfg.val_pairs}")
+
+
+def sample_pairs(df: pd.DataFrame, max_pairs: Optional[int], seed: int) -> pd.DataFrame:
+    """At most ``max_pairs`` rows, a seeded uniform sample in the input's order (all rows if fewer)."""
+    if max_pairs is None or len(df) <= max_pairs:
+        return df
+    return df.sample(n=max_pairs, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def hold_out_validation(df: pd.DataFrame, cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, list]]:
+    """(training pairs, validation rows): ``cfg.val_fraction`` of the pairs held out by whole
+    connected components of the pair graph, so no validation prompt is seen in training."""
+    from raycache.splits import split_pairs
+
+    try:
+        train_idx, val_idx = split_pairs(df["prompt_a"].tolist(), df["prompt_b"].tolist(),
+                                         cfg.val_fraction, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"--pairs {cfg.pairs}: {exc}") from None
+    val = _check_validation(df.iloc[val_idx].reset_index(drop=True),
+                            f"--pairs {cfg.pairs} (held-out validation part)")
+    return df.iloc[train_idx].reset_index(drop=True), val
+
+
+def _training_data(cfg: TrainConfig, need_val: bool
+                   ) -> tuple[int, Optional[dict[str, list]], dict[str, Any], Optional[dict[str, list]]]:
+    """(number of training pairs, in-memory rows or None, Ray datasets for the trainer,
+    held-out validation rows when ``need_val``)."""
     if not cfg.use_ray_data:
         df = _read_table(cfg.pairs, cfg, "--pairs")
-        if cfg.max_pairs is not None:
-            df = df.iloc[: cfg.max_pairs]
-        return len(df), _as_rows(df), {}
+        val = None
+        if need_val:
+            df, val = hold_out_validation(df, cfg)
+        df = sample_pairs(df, cfg.max_pairs, cfg.seed)
+        return len(df), _as_rows(df), {}, val
     from raycache.data import parse_columns, read_dataset
 
     ds = read_dataset(cfg.pairs, "pairs", columns=parse_columns(cfg.read.columns),
                       skip_invalid=cfg.read.skip_invalid)
     ds = ds.map_batches(labelled_pairs, batch_format="pandas")
+    val = None
+    if need_val:
+        # the split needs the whole pair graph: a driver-side pass over the (labelled) pairs
+        df, val = hold_out_validation(ds.to_pandas(), cfg)
+        import ray.data
+
+        ds = ray.data.from_pandas(df)
     if cfg.max_pairs is not None:
-        ds = ds.limit(cfg.max_pairs)
+        ds = ds.random_shuffle(seed=cfg.seed).limit(cfg.max_pairs)
     # Materialised once: the count is free, and epochs re-read nothing (so the training
     # workers may hold every CPU without starving a read task).
     ds = ds.materialize()
     n = ds.count()
     if n == 0:
         raise ConfigError(f"--pairs {cfg.pairs}: no labelled pairs")
-    return n, None, {TRAIN_DATASET: ds}
+    return n, None, {TRAIN_DATASET: ds}, val
 
 
 def _prepare_checkpoint_dir(cfg: TrainConfig, out: Path) -> Path:
@@ -119,9 +155,9 @@ def build_trainer(cfg: TrainConfig, out: Path, loop_config: dict[str, Any],
         name=CHECKPOINT_RUN_NAME,
         storage_path=str(out),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
-        # num_to_keep=1 keeps the best by val AUC; Ray Train never deletes the latest either.
+        # num_to_keep=1 keeps the best by the selection figure; Ray Train never deletes the latest.
         checkpoint_config=CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute="val_auc" if has_val else None,
+            num_to_keep=1, checkpoint_score_attribute="val_select" if has_val else None,
             checkpoint_score_order="max"),
     )
     return TorchTrainer(train_loop, train_loop_config=loop_config,
@@ -131,7 +167,7 @@ def build_trainer(cfg: TrainConfig, out: Path, loop_config: dict[str, Any],
 
 def _best_checkpoint(result, has_val: bool):
     if has_val and result.best_checkpoints:
-        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_auc", float("-inf")))[0]
+        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_select", float("-inf")))[0]
     return result.checkpoint
 
 
@@ -149,7 +185,8 @@ def _export_model(checkpoint, out: Path) -> Path:
 
 
 def plot_training(history: dict, path: Path) -> Path:
-    """training.png: train loss (per epoch, and rank 0's batches) and validation AUC per epoch (0 = base)."""
+    """training.png: train loss (per epoch, and rank 0's batches) and, per epoch (0 = base), validation
+    ROC-AUC and correct-hit rate at false-hit ≤ δ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,13 +203,20 @@ def plot_training(history: dict, path: Path) -> Path:
                  label="epoch mean")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
     ax_loss.legend(fontsize=8)
-    auc_points = [(r["epoch"], r["val_auc"]) for r in history["epochs"] if "val_auc" in r]
-    if history.get("base"):
-        auc_points.insert(0, (0, history["base"]["auc"]))
-    if auc_points:
-        ax_auc.plot(*zip(*auc_points), "o-", color="tab:green")
-        ax_auc.set(xlabel="epoch (0 = base model)", ylabel="ROC-AUC of cosine",
-                   title="Validation AUC")
+    base = history.get("base") or {}
+    curves = {"ROC-AUC": "auc", "correct-hit at false-hit ≤ δ": "hit_at_fh"}
+    plotted = False
+    for (label, key), color in zip(curves.items(), ("tab:green", "tab:red")):
+        points = [(r["epoch"], r[f"val_{key}"]) for r in history["epochs"] if f"val_{key}" in r]
+        if key in base:
+            points.insert(0, (0, base[key]))
+        if points:
+            ax_auc.plot(*zip(*points), "o-", color=color, label=label)
+            plotted = True
+    if plotted:
+        ax_auc.set(xlabel="epoch (0 = base model)", ylabel="validation figure",
+                   title="Validation")
+        ax_auc.legend(fontsize=8)
     else:
         ax_auc.text(0.5, 0.5, "no validation pairs", ha="center", va="center")
         ax_auc.set_axis_off()
@@ -200,7 +244,8 @@ def run(cfg: TrainConfig, *, train_loop=train_loop_per_worker) -> dict:
     run_dir = _prepare_checkpoint_dir(cfg, out)
     if not ray.is_initialized():
         ray.init()
-    n_train, train_rows, datasets = _training_data(cfg)
+    n_train, train_rows, datasets, held_out = _training_data(cfg, need_val=val_rows is None)
+    val_rows = val_rows if val_rows is not None else held_out
     if n_train < cfg.workers:
         raise ConfigError(f"{n_train} training pairs cannot be split over {cfg.workers} workers")
     loop_config = {"cfg": cfg.model_dump(), "n_train": n_train,
@@ -222,6 +267,7 @@ def run(cfg: TrainConfig, *, train_loop=train_loop_per_worker) -> dict:
         "loss": cfg.loss,
         "n_train_pairs": n_train,
         "n_val_pairs": len(val_rows["label"]) if val_rows else 0,
+        "epochs_run": len(history["epochs"]),
         "workers": cfg.workers,
         "device": "gpu" if cfg.gpu else "cpu",
         "base": history["base"],
@@ -229,6 +275,10 @@ def run(cfg: TrainConfig, *, train_loop=train_loop_per_worker) -> dict:
         "best_epoch": best_epoch["epoch"],
         "best_val_auc": best_epoch.get("val_auc"),
         "best_val_ap": best_epoch.get("val_ap"),
+        "best_val_hit_at_fh": best_epoch.get("val_hit_at_fh"),
+        "select_metric": cfg.select_metric,
+        "validation": ("--val-pairs" if cfg.val_pairs else
+                       f"held out from --pairs ({cfg.val_fraction:.0%}, question-disjoint)"),
         "resumed_from_epochs": history["resumed_from_epochs"],
         "wall_s": time.time() - start,
         "model": str(model_dir),
@@ -239,5 +289,7 @@ def run(cfg: TrainConfig, *, train_loop=train_loop_per_worker) -> dict:
     logger.info("model (epoch %d) in %s; %.0f s", best_epoch["epoch"], model_dir, metrics["wall_s"])
     return {"model": str(model_dir), "best_epoch": best_epoch["epoch"],
             "best_val_auc": metrics["best_val_auc"], "best_val_ap": metrics["best_val_ap"],
+            "best_val_hit_at_fh": metrics["best_val_hit_at_fh"],
+            "base_val_hit_at_fh": (history["base"] or {}).get("hit_at_fh"),
             "base_val_auc": (history["base"] or {}).get("auc"), "wall_s": metrics["wall_s"],
             "out": str(out)}

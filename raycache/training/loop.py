@@ -25,7 +25,7 @@ import torch
 
 from raycache.config import TrainConfig
 from raycache.training.head import PairScorer, SimilarityHead
-from raycache.training.losses import build_loss
+from raycache.training.losses import InBatchContrastiveLoss, build_loss
 
 MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
@@ -34,6 +34,7 @@ TRAIN_DATASET = "train"
 PROGRESS_EVERY_S = 15.0
 LOSS_POINTS_PER_EPOCH = 10  # rank 0's mean batch loss is recorded this often per epoch (for the plot)
 SHUFFLE_BUFFER_ROWS = 4096  # rows in Ray Data's per-worker shuffle buffer
+BUCKET_WINDOW_BATCHES = 32  # length bucketing sorts windows of this many batches
 
 logger = logging.getLogger(__name__)  # Ray Train routes worker logs to the driver
 
@@ -57,9 +58,43 @@ def steps_per_epoch(n_pairs: int, world_size: int, batch_size: int) -> int:
     return max(1, math.ceil((n_pairs // world_size) / batch_size))
 
 
-def _set_threads(cfg: TrainConfig, device: torch.device) -> None:
+def worker_threads(cfg: TrainConfig, local_workers: int) -> int:
+    """Torch threads per CPU worker: ``cfg.torch_threads``, else this node's cores shared evenly
+    by its ``local_workers`` training workers (at least ``cpus_per_worker``): the training stage
+    has the node to itself, since its input is materialised before the workers start."""
+    if cfg.torch_threads:
+        return cfg.torch_threads
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(round(cfg.cpus_per_worker)), cores // max(1, local_workers))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: a CUDA device that supports it, or a CPU with AMX
+    (``amx_bf16``). Elsewhere on CPU, torch's bf16 autocast runs emulated kernels (measured over
+    10x slower than fp32 on such a machine), so fp32 it is."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def autocast_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the forward pass: per ``cfg.precision`` ('auto' = where native)."""
+    if cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        return True
+    return native_bf16(device)
+
+
+def _set_threads(cfg: TrainConfig, device: torch.device, local_workers: int = 1) -> None:
     if device.type == "cpu":
-        torch.set_num_threads(cfg.torch_threads or max(1, int(round(cfg.cpus_per_worker))))
+        torch.set_num_threads(worker_threads(cfg, local_workers))
 
 
 def _build_scorer(cfg: TrainConfig, device: torch.device, checkpoint_dir: Optional[Path]) -> PairScorer:
@@ -91,14 +126,44 @@ def _optimizer(scorer: PairScorer, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def in_memory_batches(rows: dict[str, list], cfg: TrainConfig, epoch: int, rank: int,
                        world: int) -> Iterator[Batch]:
-    """This rank's equal share of a reshuffled (per epoch) in-memory table, in batches."""
+    """This rank's equal share of a reshuffled (per epoch) in-memory table, in batches.
+
+    With ``cfg.length_bucketing`` the shuffled share is cut into windows of
+    ``BUCKET_WINDOW_BATCHES`` batches, each window sorted by pair length (characters of the longer
+    prompt) before it is cut into batches, and the batches are then shuffled: a batch pads to
+    prompts of similar length (less wasted compute on CPU) while the epoch still visits the
+    pairs in a random order.
+    """
     n = len(rows["label"])
-    order = np.random.default_rng(cfg.seed + epoch).permutation(n)
+    rng = np.random.default_rng(cfg.seed + epoch)
+    order = rng.permutation(n)
     mine = order[rank::world][: n // world]
     a, b, y = rows["prompt_a"], rows["prompt_b"], np.asarray(rows["label"], dtype=np.float32)
-    for start in range(0, len(mine), cfg.batch_size):
-        idx = mine[start:start + cfg.batch_size]
+    batches = [mine[start:start + cfg.batch_size] for start in range(0, len(mine), cfg.batch_size)]
+    if cfg.length_bucketing and len(batches) > 1:
+        length = np.fromiter((max(len(a[i]), len(b[i])) for i in mine), dtype=np.int64, count=len(mine))
+        window = cfg.batch_size * BUCKET_WINDOW_BATCHES
+        resorted = np.concatenate([
+            mine[s:s + window][np.argsort(length[s:s + window], kind="stable")]
+            for s in range(0, len(mine), window)])
+        batches = [resorted[start:start + cfg.batch_size]
+                   for start in range(0, len(resorted), cfg.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    for idx in batches:
         yield [a[i] for i in idx], [b[i] for i in idx], y[idx]
+
+
+def same_prompt_mask(prompts_a: list[str], prompts_b: list[str]) -> torch.Tensor:
+    """[n, n] bool: entry (i, j) is True when b_j is the same text as b_i or a_i (so b_j is not a
+    negative for pair i in the in-batch contrastive term)."""
+    b = np.asarray(prompts_b, dtype=object)
+    a = np.asarray(prompts_a, dtype=object)
+    return torch.from_numpy((b[None, :] == b[:, None]) | (b[None, :] == a[:, None]))
+
+
+def progress_line(text: str) -> None:
+    """One progress line on stdout, which Ray forwards from the worker to the driver's terminal."""
+    print(f"[raycache] {text}", flush=True)
 
 
 def _ray_data_batches(cfg: TrainConfig, epoch: int) -> Iterator[Batch]:
@@ -113,13 +178,39 @@ def _ray_data_batches(cfg: TrainConfig, epoch: int) -> Iterator[Batch]:
                np.asarray(batch["label"], dtype=np.float32))
 
 
-def validate(scorer: PairScorer, val: dict[str, list], batch_size: int) -> dict[str, float]:
-    """ROC-AUC and average precision of the cosine on labelled pairs (labels binarised at 0.5)."""
-    from raycache.evaluation import pair_similarities, similarity_metrics
+def validate(scorer: PairScorer, val: dict[str, list], batch_size: int,
+             delta: float = 0.02) -> dict[str, float]:
+    """Validation figures of the cosine on labelled pairs (labels binarised at 0.5).
 
-    sims = pair_similarities(scorer.encoder, val["prompt_a"], val["prompt_b"], batch_size=batch_size)
+    ``auc``, ``ap``; ``tpr_at_fpr``: mean TPR at FPR 1%, 2% and 5% (the high-similarity end of
+    the ROC curve); ``hit_at_fh``: the correct-hit rate at false-hit ≤ ``delta`` when every
+    validation prompt is looked up against all the others (groups = components of the positive
+    pairs; :func:`raycache.evaluation.retrieval_operating_point`).
+    """
+    from raycache.evaluation import retrieval_operating_point, similarity_metrics
+    from raycache.splits import prompt_groups
+
+    prompts, groups = prompt_groups(val["prompt_a"], val["prompt_b"], val["label"])
+    vectors = scorer.encoder.encode(prompts, batch_size=batch_size)
+    position = {p: i for i, p in enumerate(prompts)}
+    ia = np.fromiter((position[str(p)] for p in val["prompt_a"]), dtype=np.int64)
+    ib = np.fromiter((position[str(p)] for p in val["prompt_b"]), dtype=np.int64)
+    sims = np.einsum("ij,ij->i", vectors[ia], vectors[ib])
     metrics = similarity_metrics(sims, np.asarray(val["label"], dtype=np.float64))
-    return {"auc": metrics["auc"], "ap": metrics["average_precision"]}
+    retrieval = retrieval_operating_point(vectors, groups, deltas=(delta,))[f"{delta:g}"]
+    return {"auc": metrics["auc"], "ap": metrics["average_precision"],
+            "tpr_at_fpr": float(np.mean(list(metrics["tpr_at_fpr"].values()))),
+            "hit_at_fh": retrieval["correct_hit_rate"], "hit_at_fh_threshold": retrieval["threshold"]}
+
+
+SELECT_KEYS = {"hit_at_fh": "val_hit_at_fh", "tpr_at_fpr": "val_tpr_at_fpr", "auc": "val_auc"}
+
+
+def selection_score(record: dict[str, Any], cfg: TrainConfig) -> float:
+    """The figure checkpoints are chosen and early stopping is decided by (higher is better);
+    ties broken by validation AUC."""
+    return float(record.get(SELECT_KEYS[cfg.select_metric], float("-inf"))) + 1e-6 * float(
+        record.get("val_auc", 0.0))
 
 
 def _save_checkpoint(out_dir: Path, scorer: PairScorer, optimizer, scheduler, epoch: int,
@@ -154,7 +245,8 @@ class _WorkerRun:
         self.cfg = cfg
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        _set_threads(cfg, self.device)
+        _set_threads(cfg, self.device, ctx.get_local_world_size())
+        self.bf16 = autocast_bf16(cfg, self.device)
         torch.manual_seed(cfg.seed)
 
         self.scorer = _build_scorer(cfg, self.device, checkpoint_dir)
@@ -163,7 +255,9 @@ class _WorkerRun:
         self.steps_per_epoch = steps_per_epoch(n_train, self.world, cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_warmup_decay(self.steps_per_epoch * cfg.epochs, cfg.warmup_ratio))
-        self.loss_fn = build_loss(cfg.loss, cfg.sld_eps)
+        self.loss_fn = build_loss(cfg.loss, cfg.sld_eps, cfg.negative_weight)
+        self.contrastive = (InBatchContrastiveLoss(cfg.contrastive_scale)
+                            if cfg.contrastive_weight > 0 else None)
         self.history: dict[str, Any] = {"base": None, "epochs": [], "loss_curve": [],
                                         "resumed_from_epochs": []}
         self.last_epoch = 0
@@ -186,9 +280,12 @@ class _WorkerRun:
         segment_sum, segment_steps = 0.0, 0
         for prompts_a, prompts_b, labels in batches:
             targets = torch.from_numpy(labels).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = self.model(prompts_a, prompts_b)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits, emb_a, emb_b = self.model(prompts_a, prompts_b, return_embeddings=True)
             loss = self.loss_fn(logits.float(), targets)
+            if self.contrastive is not None:
+                loss = loss + cfg.contrastive_weight * self.contrastive(
+                    emb_a, emb_b, targets, same_prompt_mask(prompts_a, prompts_b).to(device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Clip the encoder only: the head's two scalars have their own lr and would
@@ -208,11 +305,12 @@ class _WorkerRun:
                     [epoch - 1 + step / self.steps_per_epoch, segment_sum / segment_steps])
                 segment_sum, segment_steps = 0.0, 0
             now = time.perf_counter()
-            if self.rank == 0 and now - last_print >= PROGRESS_EVERY_S:
+            if self.rank == 0 and (now - last_print >= PROGRESS_EVERY_S or step == 1):
                 last_print = now
-                logger.info("epoch %d/%d step %d/%d loss %.4f %.1f pairs/s", epoch, cfg.epochs, step,
-                            self.steps_per_epoch, loss_sum / n_pairs,
-                            self.world * n_pairs / (now - t0))
+                rate = self.world * n_pairs / (now - t0)
+                eta = (self.steps_per_epoch - step) * self.world * cfg.batch_size / max(rate, 1e-9)
+                progress_line(f"train epoch {epoch}/{cfg.epochs} step {step}/{self.steps_per_epoch} "
+                              f"loss {loss_sum / n_pairs:.4f} {rate:.1f} pairs/s ETA {eta:.0f}s")
         loss_sum, n_total = _all_reduce_sum([loss_sum, float(n_pairs)], device)
         train_s = time.perf_counter() - t0
         return {
@@ -261,19 +359,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.info("continuing from the checkpoint of epoch %d", run.last_epoch)
 
     if run.rank == 0 and val_rows is not None and checkpoint is None:
-        run.history["base"] = validate(run.scorer, val_rows, cfg.encoder.batch_size)
-        logger.info("base model: val AUC %.4f AP %.4f", run.history["base"]["auc"],
-                    run.history["base"]["ap"])
+        run.history["base"] = validate(run.scorer, val_rows, cfg.encoder.batch_size, cfg.select_delta)
+        progress_line("base model: val " + _describe(run.history["base"]))
 
+    best = max((selection_score(r, cfg) for r in run.history["epochs"]), default=float("-inf"))
+    stale = 0
     for epoch in range(run.last_epoch + 1, cfg.epochs + 1):
         batches = (in_memory_batches(train_rows, cfg, epoch, run.rank, run.world)
                    if train_rows is not None else _ray_data_batches(cfg, epoch))
         record = run.train_epoch(epoch, batches)
+        stop = 0.0
         if run.rank == 0 and val_rows is not None:
             start = time.perf_counter()
-            val = validate(run.scorer, val_rows, cfg.encoder.batch_size)
-            record.update(val_auc=val["auc"], val_ap=val["ap"], val_s=time.perf_counter() - start)
+            val = validate(run.scorer, val_rows, cfg.encoder.batch_size, cfg.select_delta)
+            record.update({f"val_{k}": v for k, v in val.items()}, val_s=time.perf_counter() - start)
+            record["val_select"] = score = selection_score(record, cfg)
+            stale = 0 if score > best else stale + 1
+            best = max(best, score)
+            if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience and epoch < cfg.epochs:
+                stop = 1.0
         if run.rank == 0:
-            logger.info("epoch %d/%d done: %s", epoch, cfg.epochs, ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            progress_line(f"epoch {epoch}/{cfg.epochs} done: loss {record['train_loss']:.4f} "
+                          f"{record['pairs_per_s']:.1f} pairs/s"
+                          + (f", val {_describe({k[4:]: v for k, v in record.items() if k.startswith('val_')})}"
+                             if val_rows is not None else ""))
         run.report(epoch, record)
+        if _all_reduce_sum([stop], run.device)[0] > 0:
+            if run.rank == 0:
+                progress_line(f"early stop after epoch {epoch}: no better {cfg.select_metric} "
+                              f"for {cfg.early_stopping_patience} epoch(s)")
+            break
+
+
+def _describe(val: dict[str, Any]) -> str:
+    keys = ("auc", "ap", "tpr_at_fpr", "hit_at_fh")
+    return " ".join(f"{k} {float(val[k]):.4f}" for k in keys if val.get(k) is not None)

@@ -1,0 +1,184 @@
+"""Fine-tuning recipes judged where users pay: correct-hit rate at a per-arrival false-hit budget.
+
+Real data from ``../shared/data`` (not part of the repository): a pair file and the stream built from
+the same prompts (QQP by default). The pair graph's connected components are dealt, whole, into
+train / calibration / test parts (question-disjoint). Each recipe is fine-tuned with ``raycache
+train`` on the train part's pairs; then the calibration and test parts of the stream are replayed
+through the cache simulator (static threshold, unlimited cache). The threshold for each budget δ is
+chosen on the calibration stream (the lowest threshold whose false-hit rate there is ≤ δ, i.e. the
+most hits within budget) and the figure is read on the test stream; the best threshold on the test
+stream itself is printed beside it as an upper bound.
+
+    python bench/finetune_recipes.py --recipes base,bce_default,bce_region --out runs/recipes
+
+Prints one table (and writes ``recipes.json``): pair AUC/AP on the test part's pairs, and per δ
+the correct-hit and false-hit rate on the test stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+DELTAS = (0.01, 0.02, 0.05)
+
+# name -> TrainConfig overrides (everything else: raycache train's defaults)
+RECIPES: dict[str, dict] = {
+    "bce_v0": dict(loss="bce", epochs=1, init_scale=0.1, init_bias=7.0, select_metric="auc",
+                   length_bucketing=False, early_stopping_patience=0),  # the first release's recipe
+    "bce_region": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0),
+    "bce_region_w": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0, negative_weight=3.0),
+    "bce_contrastive": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0,
+                            contrastive_weight=1.0),
+    "bce_contrastive_w": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0,
+                              contrastive_weight=1.0, negative_weight=3.0),
+    "sld_contrastive": dict(loss="sld", epochs=1, init_scale=0.05, init_bias=17.0,
+                            contrastive_weight=1.0),
+    "contrastive_only": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0,
+                             contrastive_weight=1.0, negative_weight=1e-3),
+    "default": dict(),  # raycache train exactly as released
+}
+
+
+def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path) -> dict:
+    """Write train/test pair files and calib/test streams, question-disjoint by pair component."""
+    from raycache.data import read_pairs, read_stream, write_table
+    from raycache.splits import assign_components, pair_components
+
+    pairs = read_pairs(str(pairs_path))
+    stream = read_stream(str(stream_path))
+    comps = pair_components(pairs["prompt_a"].tolist(), pairs["prompt_b"].tolist())
+    part = assign_components(comps, [0.6, 0.2, 0.2], seed=seed)  # train, calibration, test
+    part_of_prompt = {}
+    for a, b, p in zip(pairs["prompt_a"], pairs["prompt_b"], part):
+        part_of_prompt[a] = part_of_prompt[b] = int(p)
+    stream_part = stream["prompt"].map(part_of_prompt)
+    if stream_part.isna().any():
+        raise SystemExit(f"{stream_path}: {int(stream_part.isna().sum())} prompts not in {pairs_path}")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"train_pairs": out / "train_pairs.jsonl", "test_pairs": out / "test_pairs.jsonl",
+             "calib_stream": out / "calib_stream.jsonl", "test_stream": out / "test_stream.jsonl"}
+    write_table(pairs[part == 0], str(files["train_pairs"]))
+    write_table(pairs[part == 2], str(files["test_pairs"]))
+    write_table(stream[(stream_part == 1).to_numpy()], str(files["calib_stream"]))
+    write_table(stream[(stream_part == 2).to_numpy()], str(files["test_stream"]))
+    sizes = {"train_pairs": int((part == 0).sum()), "test_pairs": int((part == 2).sum()),
+             "calib_arrivals": int((stream_part == 1).sum()), "test_arrivals": int((stream_part == 2).sum())}
+    return {"files": {k: str(v) for k, v in files.items()}, "sizes": sizes}
+
+
+def sweep(stream: pd.DataFrame, vectors: np.ndarray) -> list[dict]:
+    """Per-threshold replay metrics of a stream (static threshold, unlimited cache)."""
+    from raycache.simulation.metrics import replay_metrics
+    from raycache.simulation.offline import ReplayStream, replay_vectorized, unit_rows
+
+    thresholds = [round(0.5 + 0.005 * i, 3) for i in range(100)]
+    runs = replay_vectorized(ReplayStream.from_frame(stream, unit_rows(vectors)), thresholds,
+                             exact_tier=True)
+    return [replay_metrics(stream, dec, t, mode="group") for t, (dec, _) in runs.items() if dec is not None]
+
+
+def best_within(points: list[dict], delta: float) -> dict | None:
+    ok = [p for p in points if p["false_hit_rate"] <= delta + 1e-12]
+    return max(ok, key=lambda p: (p["correct_hit_rate"], -p["false_hit_rate"])) if ok else None
+
+
+def operating_points(calib: list[dict], test: list[dict]) -> dict:
+    by_t = {p["threshold"]: p for p in test}
+    out = {}
+    for d in DELTAS:
+        chosen = best_within(calib, d)
+        on_test = by_t.get(chosen["threshold"]) if chosen else None
+        oracle = best_within(test, d)
+        out[f"{d:g}"] = {
+            "threshold": chosen["threshold"] if chosen else None,
+            "correct_hit_rate": on_test["correct_hit_rate"] if on_test else 0.0,
+            "false_hit_rate": on_test["false_hit_rate"] if on_test else 0.0,
+            "upper_bound_correct_hit_rate": oracle["correct_hit_rate"] if oracle else 0.0,
+        }
+    return out
+
+
+def evaluate_model(model: str | None, data: dict, max_length: int) -> dict:
+    from raycache.encoder import Encoder
+    from raycache.evaluation import pair_similarities, similarity_metrics
+    from raycache.data import read_pairs, read_stream
+
+    enc = Encoder.load(model, max_length=max_length)
+    test_pairs = read_pairs(data["files"]["test_pairs"])
+    sims = pair_similarities(enc, test_pairs["prompt_a"].tolist(), test_pairs["prompt_b"].tolist())
+    pm = similarity_metrics(sims, test_pairs["label"].to_numpy())
+    calib = read_stream(data["files"]["calib_stream"])
+    test = read_stream(data["files"]["test_stream"])
+    ops = operating_points(sweep(calib, enc.encode(calib["prompt"].tolist())),
+                           sweep(test, enc.encode(test["prompt"].tolist())))
+    return {"auc": pm["auc"], "ap": pm["average_precision"], "tpr_at_fpr": pm["tpr_at_fpr"],
+            "operating_points": ops}
+
+
+def train_recipe(name: str, data: dict, out: Path, max_pairs: int | None) -> tuple[str, dict]:
+    from raycache.config import TrainConfig
+    from raycache.training.job import run
+
+    overrides = RECIPES[name]
+    cfg = TrainConfig(pairs=data["files"]["train_pairs"], out=str(out / name), max_pairs=max_pairs,
+                      **overrides)
+    summary = run(cfg)
+    metrics = json.loads((out / name / "train_metrics.json").read_text())
+    pairs_per_s = [e["pairs_per_s"] for e in metrics["epochs"]]
+    return summary["model"], {"train_wall_s": summary["wall_s"], "epochs_run": metrics["epochs_run"],
+                              "best_epoch": metrics["best_epoch"], "pairs_per_s": float(np.mean(pairs_per_s)),
+                              "overrides": overrides}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default=str(DATA / "pairs" / "qqp_dev.jsonl"))
+    ap.add_argument("--stream", default=str(DATA / "streams" / "stream_qqp_dev.jsonl"))
+    ap.add_argument("--recipes", default="base,bce_v0,default")
+    ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/recipes")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    out = Path(args.out).resolve()
+    data = split_data(Path(args.pairs), Path(args.stream), args.seed, out / "data")
+    print(f"split (question-disjoint): {data['sizes']}", flush=True)
+    results_path = out / "recipes.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name in args.recipes.split(","):
+        t0 = time.time()
+        info: dict = {}
+        model = None
+        if name != "base":
+            model, info = train_recipe(name, data, out, args.max_pairs)
+        info |= evaluate_model(model, data, args.max_length)
+        info["load_avg"] = os.getloadavg()
+        info["wall_s"] = time.time() - t0
+        results[name] = info
+        results_path.write_text(json.dumps({"data": data} | {k: v for k, v in results.items() if k != "data"},
+                                           indent=2))
+        print_row(name, info)
+    return 0
+
+
+def print_row(name: str, r: dict) -> None:
+    ops = r["operating_points"]
+    cells = " | ".join(f"{ops[f'{d:g}']['correct_hit_rate']:.3f} / {ops[f'{d:g}']['false_hit_rate']:.3f}"
+                       f" (≤{ops[f'{d:g}']['upper_bound_correct_hit_rate']:.3f})" for d in DELTAS)
+    print(f"| {name} | {r['auc']:.3f} / {r['ap']:.3f} | {cells} | {r.get('pairs_per_s', float('nan')):.1f} "
+          f"| {r['wall_s']:.0f} s | load {r['load_avg'][0]:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
