@@ -209,6 +209,31 @@ CHAT_UNKEYED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_iden
 """Chat request fields known not to change the answer (``stream`` / ``stream_options`` never do)."""
 
 
+class VerifyConfig(_Base):
+    """Online verification: a share of hits (more near the threshold) is checked by the upstream and
+    a judge; per-namespace thresholds follow the evidence (raycache.cache.online_policy)."""
+
+    online: bool = Field(False, description="Verify hits online and adapt the threshold per namespace.")
+    verify_near: float = Field(0.5, ge=0, le=1, description="Share of hits within near_margin above the threshold verified.")
+    verify_far: float = Field(0.05, ge=0, le=1, description="Share of other (non-exact) hits verified.")
+    near_margin: float = Field(0.03, ge=0, le=1, description="Width of the 'near the threshold' band.")
+    explore: float = Field(0.3, ge=0, le=1, description=(
+        "Share of near misses (within explore_margin below) judged against their nearest entry."))
+    explore_margin: float = Field(0.03, ge=0, le=1, description="Width of the near-miss band.")
+    window: int = Field(20_000, ge=100, description="Requests per namespace the bound is computed over.")
+    min_verified: int = Field(30, ge=1, description="Verifications before the threshold may move.")
+    floor: Optional[float] = Field(None, ge=-1, le=1, description=(
+        "Lowest threshold it may come down to; None = the start threshold - 0.05."))
+    judge: Literal["reference", "hf", "openai", "vllm"] = Field("reference", description=(
+        "Teacher backend judging a verification (reference: fresh and cached responses match)."))
+    judge_model: Optional[str] = Field(None, description="Judge model (hf, vllm) or name (openai).")
+    judge_endpoint: Optional[str] = Field(None, description="OpenAI-compatible base URL of the judge.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Env var with the judge endpoint's key.")
+    verified_pairs_out: Optional[str] = Field(None, description=(
+        "Parquet folder (any pyarrow filesystem) the verified pairs are appended to (train --pairs reads it)."))
+    flush_rows: int = Field(100, ge=1, description="Verified pairs per Parquet shard.")
+
+
 class ServeConfig(_Base):
     """The Ray Serve embedding-plus-cache HTTP service."""
 
@@ -242,6 +267,7 @@ class ServeConfig(_Base):
     blocking: bool = Field(True, description="Keep the process alive serving until Ctrl-C.")
     write_serve_config: Optional[str] = Field(
         None, description="Write a `serve deploy` YAML for this config to this path and exit.")
+    verify: VerifyConfig = VerifyConfig()
 
 
 class SimulateConfig(_Base):

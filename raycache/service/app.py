@@ -129,6 +129,7 @@ class CacheEngine:
         self.embedder = embedder
         dim = await embedder.dim.remote()
         self.window = await embedder.window.remote() if hasattr(embedder, "window") else None
+        self.tag = tag
         policy = await self._policy(cfg)
         self.cache = SemanticCache.from_config(cfg, encoder=None, dim=dim, policy=policy, model_tag=tag)
         self.backend = EngineBackend(self.cache, embed=self._embed)
@@ -144,6 +145,10 @@ class CacheEngine:
         return await self.embedder.embed_with_tails.remote(texts)
 
     async def _policy(self, cfg: CacheConfig):
+        if cfg.policy_file:  # calibrated offline by `raycache calibrate`; never refitted here
+            from raycache.calibration import load_policy
+
+            return load_policy(cfg.policy_file, self.tag).decision_policy(cfg.policy_file)
         if cfg.policy != "calibrated":
             return None  # from_config builds the static policy
         if not cfg.calibration_pairs:
@@ -224,12 +229,15 @@ class _RemoteBackend:
 class Ingress:
     """HTTP entry point: the FastAPI app, built on the replica over the CacheEngine handle."""
 
-    def __init__(self, engine: DeploymentHandle, settings: dict):
+    def __init__(self, engine: DeploymentHandle, settings: dict, online: Optional[dict] = None):
         self.engine = engine
         self.settings = ApiSettings(**settings)
+        self.online = online  # online verification (raycache.service.verify), None = off
 
     def __serve_build_asgi_app__(self):
-        return create_app(_RemoteBackend(self.engine), self.settings)
+        from raycache.service.verify import wrap_backend
+
+        return create_app(wrap_backend(_RemoteBackend(self.engine), self.online), self.settings)
 
 
 def api_settings(cfg: ServeConfig) -> ApiSettings:
@@ -272,9 +280,12 @@ def build_app(cfg: ServeConfig):
     options = deployment_options(cfg)
     embedder = Embedder.options(**options["Embedder"]).bind(
         cfg.encoder.model_dump(), cfg.serve_batch_size, cfg.serve_batch_wait_s)
+    from raycache.service.verify import engine_cache_config, online_settings
+
     engine = CacheEngine.options(**options["CacheEngine"]).bind(
-        embedder, cfg.cache.model_dump(), model_tag(cfg.encoder))
-    return Ingress.options(**options["Ingress"]).bind(engine, api_settings(cfg).model_dump())
+        embedder, engine_cache_config(cfg), model_tag(cfg.encoder))
+    return Ingress.options(**options["Ingress"]).bind(engine, api_settings(cfg).model_dump(),
+                                                      online_settings(cfg))
 
 
 def app_builder(args: dict[str, Any]):
@@ -324,6 +335,10 @@ def run(cfg: ServeConfig) -> dict:
 
     if cfg.write_serve_config:
         return {"serve_config": str(write_serve_config(cfg, cfg.write_serve_config))}
+    if cfg.cache.policy_file:  # refuse a policy fitted for another model before deploying
+        from raycache.calibration import load_policy
+
+        load_policy(cfg.cache.policy_file, cfg.encoder.model)
     started = time.perf_counter()
     url = start(cfg)
     startup_s = time.perf_counter() - started
