@@ -116,6 +116,11 @@ class TrainConfig(_Base):
         0.0, ge=0, description="Weight of the in-batch contrastive term (each positive pair against "
         "the batch's other prompts); 0 = off.")
     contrastive_scale: float = Field(20.0, gt=0, description="Scale 1/τ of the contrastive term's cosines.")
+    hard_negatives: int = Field(
+        0, ge=0, description="Per training prompt, add up to this many nearest prompts from other "
+        "components of the pair graph as negative pairs (the decision region); 0 = off.")
+    hard_negative_min_cos: float = Field(
+        0.8, ge=-1, le=1, description="Only neighbours at least this similar become hard negatives.")
     epochs: int = Field(1, ge=1, description="At most this many passes over the training pairs.")
     early_stopping_patience: int = Field(
         1, ge=0, description="Stop after this many epochs without a better select_metric; 0 = never.")
@@ -312,6 +317,9 @@ class SimulateConfig(_Base):
         "Precomputed embeddings (.npy) of calibration_stream (with `embeddings`)."))
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Operating point: confidence of the bound.")
     seed: int = Field(0, description="Operating point: seed of the split by group.")
+    online_start: Optional[float] = Field(None, ge=-1, le=1, description=(
+        "Offline: also replay with online verification (the stream's labels as the judge) starting "
+        "from this threshold; reports realised false-hit, hit rate, threshold over time, cost."))
 
 
 class CalibrateConfig(_Base):

@@ -62,3 +62,18 @@ def test_online_simulation_from_a_too_low_threshold_falls_under_delta_cheaply():
     static = simulate_online(stream, vecs, 0.35, OnlineSettings(verify_near=0, verify_far=0, explore=0))
     assert static["false_hit_rate"] > 0.2 > 0.05 > result["false_hit_rate"]  # without verification it stays high
     assert [p["arrival"] for p in result["trace"]][:2] == [100, 200]
+
+
+def test_simulate_reports_the_online_replay(tmp_path):
+    from raycache import simulation
+    from raycache.config import SimulateConfig
+
+    stream, vecs = clustered_stream(600, 40, 32, 1.5, seed=2)
+    stream.drop(columns="namespace").to_json(tmp_path / "s.jsonl", orient="records", lines=True)
+    np.save(tmp_path / "e.npy", vecs)
+    report = simulation.run(SimulateConfig(stream=str(tmp_path / "s.jsonl"), out=str(tmp_path / "o"),
+                                           embeddings=str(tmp_path / "e.npy"), thresholds=[0.9],
+                                           operating_point=False, online_start=0.4))
+    online = report["models"]["base"]["online"]
+    assert online["start_threshold"] == 0.4 and "trace" not in online  # the summary leaves it out
+    assert 0 <= online["extra_upstream_calls_per_request"] <= 0.1

@@ -88,7 +88,9 @@ def summarize(report: dict) -> dict:
     """The report without its bulky parts (each model's sweep, the cache config)."""
     out = {k: v for k, v in report.items() if k not in ("models", "cache")}
     if "models" in report:
-        out["models"] = {name: {k: v for k, v in entry.items() if k != "sweep"}
+        out["models"] = {name: {k: (v if k != "online" else
+                                    {a: b for a, b in v.items() if a not in ("trace", "policy")})
+                                for k, v in entry.items() if k != "sweep"}
                          for name, entry in report["models"].items()}
     return out
 

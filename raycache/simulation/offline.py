@@ -649,6 +649,18 @@ def run_offline(cfg, stream: pd.DataFrame, out: Path) -> dict:
         embed_s = time.perf_counter() - started
         entry = simulate_model(stream, vectors, cfg, mode, model)
         decisions = entry.pop("_decisions")
+        if cfg.online_start is not None and mode != "unknown":
+            from raycache.cache.online_policy import OnlineSettings
+            from raycache.simulation.online import simulate_online
+
+            entry["online"] = simulate_online(
+                stream, vectors, cfg.online_start,
+                OnlineSettings(delta=cfg.delta, confidence=cfg.confidence), cfg.cache, cfg.seed)
+            logger.info("%s: online from %.3f: false-hit %.4f, hit rate %.4f, final thresholds %s, "
+                        "%.3f extra upstream calls per request", name, cfg.online_start,
+                        entry["online"]["false_hit_rate"], entry["online"]["hit_rate"],
+                        entry["online"]["final_thresholds"],
+                        entry["online"]["extra_upstream_calls_per_request"])
         op = operating_point_entry(cfg, stream, vectors, model, name, out, mode)
         if op is not None:
             entry["operating_point"] = op
