@@ -45,6 +45,10 @@ RECIPES: dict[str, dict] = {
                             contrastive_weight=1.0),
     "contrastive_only": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0,
                              contrastive_weight=1.0, negative_weight=1e-3),
+    "bce_contrastive_hn": dict(loss="bce", epochs=1, init_scale=0.05, init_bias=17.0,
+                               contrastive_weight=1.0, negative_weight=3.0, hard_negatives=2),
+    "bce_contrastive_hn_e3": dict(loss="bce", epochs=3, init_scale=0.05, init_bias=17.0,
+                                  contrastive_weight=1.0, negative_weight=3.0, hard_negatives=2),
     "default": dict(),  # raycache train exactly as released
 }
 

@@ -164,3 +164,23 @@ def test_training_holds_out_a_question_disjoint_validation_part(tmp_path):
     chain = pd.DataFrame({"prompt_a": ["a", "b", "c"], "prompt_b": ["b", "c", "a"], "label": [1.0, 0.0, 1.0]})
     with pytest.raises(ConfigError, match="question-disjoint"):
         hold_out_validation(chain, TrainConfig(pairs="p", out="o"))
+
+
+def test_hard_negatives_are_near_neighbours_from_other_components():
+    from raycache.training.hard_negatives import mine_hard_negatives
+
+    pairs = pd.DataFrame({"prompt_a": ["a1", "b1", "c1"], "prompt_b": ["a2", "b2", "c2"], "label": [1.0, 1.0, 0.0]})
+    vec = {"a1": [1, 0, 0], "a2": [0.9, 0.1, 0], "b1": [0.95, 0.05, 0.0], "b2": [0, 1, 0],
+           "c1": [0, 0, 1], "c2": [0, 0.1, 0.9]}
+
+    def vectors_of(texts):
+        x = np.array([vec[t] for t in texts], dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    mined = mine_hard_negatives(pairs, vectors_of, per_prompt=1, min_cos=0.8)
+    got = {frozenset(p) for p in zip(mined["prompt_a"], mined["prompt_b"])}
+    # a1/a2 and b1 are close but unconnected; c1/c2 share a (negative) pair, so never mined together
+    assert got and all(len(p & {"a1", "a2"}) == 1 and "b1" in p for p in got)
+    assert (mined["label"] == 0.0).all()
+    assert len(mine_hard_negatives(pairs, vectors_of, per_prompt=0, min_cos=0.8)) == 0
+    assert len(mine_hard_negatives(pairs, vectors_of, per_prompt=3, min_cos=0.999)) == 0

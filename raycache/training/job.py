@@ -94,6 +94,25 @@ def hold_out_validation(df: pd.DataFrame, cfg: TrainConfig) -> tuple[pd.DataFram
     return df.iloc[train_idx].reset_index(drop=True), val
 
 
+def with_hard_negatives(df: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
+    """The training pairs plus ``cfg.hard_negatives`` mined negatives per prompt (see
+    :mod:`raycache.training.hard_negatives`), embedded with the model being fine-tuned."""
+    if not cfg.hard_negatives:
+        return df
+    from raycache.encoder import Encoder
+    from raycache.training.hard_negatives import mine_hard_negatives
+
+    start = time.time()
+    encoder = Encoder.load(cfg.encoder.model, device=cfg.encoder.device, max_length=cfg.encoder.max_length)
+    mined = mine_hard_negatives(df, lambda texts: encoder.encode(texts, batch_size=cfg.encoder.batch_size),
+                                cfg.hard_negatives, cfg.hard_negative_min_cos)
+    logger.info("hard negatives: %d pairs at cos >= %.2f added to %d training pairs (%.0f s)",
+                len(mined), cfg.hard_negative_min_cos, len(df), time.time() - start)
+    print(f"[raycache] hard negatives: {len(mined)} mined pairs (cos >= {cfg.hard_negative_min_cos:g}) "
+          f"added to {len(df)} training pairs in {time.time() - start:.0f} s", flush=True)
+    return pd.concat([df, mined], ignore_index=True)
+
+
 def _training_data(cfg: TrainConfig, need_val: bool
                    ) -> tuple[int, Optional[dict[str, list]], dict[str, Any], Optional[dict[str, list]]]:
     """(number of training pairs, in-memory rows or None, Ray datasets for the trainer,
@@ -104,6 +123,7 @@ def _training_data(cfg: TrainConfig, need_val: bool
         if need_val:
             df, val = hold_out_validation(df, cfg)
         df = sample_pairs(df, cfg.max_pairs, cfg.seed)
+        df = with_hard_negatives(df, cfg)
         return len(df), _as_rows(df), {}, val
     from raycache.data import parse_columns, read_dataset
 
@@ -119,6 +139,11 @@ def _training_data(cfg: TrainConfig, need_val: bool
         ds = ray.data.from_pandas(df)
     if cfg.max_pairs is not None:
         ds = ds.random_shuffle(seed=cfg.seed).limit(cfg.max_pairs)
+    if cfg.hard_negatives:
+        import ray.data
+
+        # mining needs every training prompt at once: a driver-side pass
+        ds = ray.data.from_pandas(with_hard_negatives(ds.to_pandas(), cfg))
     # Materialised once: the count is free, and epochs re-read nothing (so the training
     # workers may hold every CPU without starving a read task).
     ds = ds.materialize()
