@@ -5,6 +5,7 @@ the API key. Serve starts once for the module (``raycache serve``'s own ``run``)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -44,7 +45,8 @@ def upstream_app(calls: list) -> FastAPI:
         if body.get("stream"):
             async def events():
                 for token in ("Hel", "lo"):
-                    yield f'data: {{"choices": [{{"delta": {{"content": "{token}"}}}}]}}\n\n'
+                    yield f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{token}"}}}}]}}\n\n'
+                yield 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"id": "up", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -197,16 +199,23 @@ def test_upstream_error_and_timeout_store_nothing(service):
     assert client.get("/v1/cache/stats", headers=AUTH).json()["stores"] == stores
 
 
-def test_streaming_passes_through(service, upstream):
+def test_streaming_miss_streams_through_and_is_stored_then_replayed(service, upstream):
     client, _ = service
     stores = client.get("/v1/cache/stats", headers=AUTH).json()["stores"]
-    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
-            "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}) as r:
-        assert r.status_code == 200 and r.headers["x-raycache"] == "bypass"
+    request = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=request) as r:
+        assert r.status_code == 200 and r.headers["x-raycache"] == "miss"
         text = "".join(r.iter_text())
     assert '"Hel"' in text and text.endswith("data: [DONE]\n\n")
     assert upstream[1][-1]["stream"] is True
-    assert client.get("/v1/cache/stats", headers=AUTH).json()["stores"] == stores
+    calls = len(upstream[1])
+    assert client.get("/v1/cache/stats", headers=AUTH).json()["stores"] == stores + 1
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=request) as r:
+        assert r.status_code == 200 and r.headers["x-raycache"] == "hit"
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(upstream[1]) == calls
+    replayed = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert replayed == "Hello"
 
 
 @pytest.mark.parametrize("path, body, status", [
