@@ -344,9 +344,10 @@ def run(cfg: ServeConfig) -> dict:
     startup_s = time.perf_counter() - started
     key_env = cfg.api_key_env if os.environ.get(cfg.api_key_env) else None
     print(f"raycache serving at {url}  (docs {url}/docs; started in {startup_s:.1f} s; "
-          f"API key {'from $' + key_env if key_env else 'off'})", flush=True)
+          f"API key {'from $' + key_env if key_env else 'off'}"
+          f"{'; tenant keys from ' + cfg.api_keys_file if cfg.api_keys_file else ''})", flush=True)
     summary = {"url": url, "docs": f"{url}/docs", "startup_s": round(startup_s, 1),
-               "api_key": bool(key_env), "upstream": cfg.upstream,
+               "api_key": bool(key_env), "api_keys_file": cfg.api_keys_file, "upstream": cfg.upstream,
                "persist_path": cfg.cache.persist_path}
     if not cfg.blocking:
         return summary
