@@ -141,8 +141,10 @@ def test_health_docs_and_api_key(service):
 def test_store_then_exact_and_paraphrase_hits(service):
     client, _ = service
     entry_id = store(client, FRANCE, "Paris.", namespace="geo")
-    exact = lookup(client, "what is the capital of france?", namespace="geo")
+    exact = lookup(client, "What is the capital of  France? ", namespace="geo")
     assert exact["hit"] and exact["exact"] and exact["entry_id"] == entry_id
+    folded = lookup(client, "what is the capital of france?", namespace="geo")  # case: not exact
+    assert folded["hit"] and not folded["exact"] and folded["entry_id"] == entry_id
     paraphrase = lookup(client, "Which city is the capital of France?", namespace="geo")
     assert paraphrase["hit"] and not paraphrase["exact"] and paraphrase["response"] == "Paris."
     assert 0.85 <= paraphrase["similarity"] < 1
