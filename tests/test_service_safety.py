@@ -482,6 +482,24 @@ def test_a_broken_off_stream_reaches_the_client_and_is_not_stored(service, upstr
     assert header == "miss"  # nothing was cached from the incomplete stream
 
 
+def test_a_stream_whose_connection_fails_ends_with_an_error_event_and_is_not_stored():
+    async def broken():
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hal"}}]}\n\n'
+        raise httpx.ReadError("connection reset")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=broken())
+
+    api = make_client(handle)
+    reply = api.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": "stream something"}]})
+    assert reply.status_code == 200 and reply.headers["x-raycache"] == "miss"
+    events = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["content"] == "Hal"
+    assert events[-1]["error"]["type"] == "upstream_error" and "ReadError" in events[-1]["error"]["message"]
+    assert api.get("/v1/cache/stats").json()["stores"] == 0
+
+
 def test_stream_assembler_reads_split_lines_and_refuses_tool_calls():
     assembler = StreamAssembler(1)
     for line in (b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}', b"",
