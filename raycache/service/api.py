@@ -290,7 +290,7 @@ async def _from_backend(call: Awaitable[Any], what: str) -> Any:
     except HTTPException:
         raise
     except Exception as exc:
-        logger.error("cache %s failed: %s", what, type(exc).__name__)
+        logger.error("cache %s failed: %s", what, type(exc).__name__, exc_info=exc)
         raise _fail(503, f"the cache is unavailable ({what} failed: {type(exc).__name__}); retry",
                     {"retry-after": RETRY_AFTER_S}) from None
 
