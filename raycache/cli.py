@@ -97,6 +97,8 @@ def build_parser(stage: str, prog: str | None = None) -> tuple[argparse.Argument
             short = "model"
         if path == ("from_stage",):
             flags.append("--from")
+        if path == ("to_stage",):
+            flags.append("--to")
         if (len(path) == 1 or counts[path[-1]] == 1) and short.replace("-", "_") not in taken:
             flags.append(f"--{short}")
             taken.add(short.replace("-", "_"))
@@ -137,6 +139,8 @@ def config_from_args(stage: str, argv: Sequence[str] | None = None) -> BaseModel
             layer[section] = yaml_cfg[section]
     section_cfg = yaml_cfg.get(stage, {}) or {}
     flags: dict[str, Any] = {}
+    if args.verbose and "verbose" in model.model_fields:  # -v also reaches a stage's own verbose field
+        flags["verbose"] = True
     for dest, value in vars(args).items():
         if dest in dests:
             node = flags

@@ -885,7 +885,8 @@ _NEAR_ENTITIES = 4  # entity-swap negatives use one of the 4 nearest table neigh
 
 _MAX_MISSES = 2000  # consecutive failed draws before a pair kind is given up
 
-_PROMPT_COLUMNS = ["prompt", "answers", "group", "domain", "entity", "attribute", "template", "split"]
+_PROMPT_COLUMNS = ["prompt", "answers", "group", "domain", "entity", "attribute", "template", "context",
+                   "split"]
 _PAIR_COLUMNS = ["prompt_a", "prompt_b", "label", "group_a", "group_b", "answers_a", "answers_b"]
 _STREAM_COLUMNS = ["prompt", "group", "answers", "response"]
 
@@ -898,8 +899,9 @@ def _cap(text: str) -> str:
 
 
 def _phrase(spec: Domain, template: str, slot: int, entity: str) -> str:
+    """Template ``template`` for ``entity`` wrapped in the domain's context number ``slot``."""
     question = _cap(template.format(e=entity))
-    context = spec.contexts[slot] if slot < len(spec.contexts) else ""
+    context = spec.contexts[slot] if 0 <= slot < len(spec.contexts) else ""
     if not context:
         return question
     if "{q}" in context:
@@ -940,6 +942,24 @@ def _noisy(text: str, rng: np.random.Generator, noise: bool, typo_rate: float) -
     return text
 
 
+#: Phrasings of the train split: template slot i wrapped in context i (context 0 is none).
+TRAIN_PHRASINGS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
+#: Phrasings of the held-out (val and test) splits: the three idiomatic templates and their
+#: contexts that the train split never uses (slot i in context i).
+HELDOUT_PHRASINGS: tuple[tuple[int, int], ...] = ((3, 3), (4, 4), (5, 5))
+#: Without holdout (``holdout_phrasings=False``) every split uses all six diagonal slots.
+ALL_PHRASINGS: tuple[tuple[int, int], ...] = tuple((t, t) for t in range(6))
+
+SPLITS = ("train", "val", "test")
+
+
+def phrasings_of(split: str, holdout_phrasings: bool = True) -> tuple[tuple[int, int], ...]:
+    """(template slot, context slot) pairs a split's prompts are written with."""
+    if not holdout_phrasings:
+        return ALL_PHRASINGS
+    return TRAIN_PHRASINGS if split == "train" else HELDOUT_PHRASINGS
+
+
 def generate_prompts(
     seed: int = 0,
     phrasings_per_group: int | None = None,
@@ -947,21 +967,33 @@ def generate_prompts(
     noise: bool = True,
     typo_rate: float = 0.0,
     test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    holdout_phrasings: bool = True,
 ) -> pd.DataFrame:
     """Expand the fact table into one row per (group, phrasing).
 
     Columns: ``prompt`` (str), ``answers`` (list[str], canonical answer first),
     ``group`` ("domain:entity:attribute"), ``domain``, ``entity``,
     ``attribute``, ``template`` (int index into
-    ``DOMAINS[domain].templates[attribute]``) and ``split`` ("train"/"test").
+    ``DOMAINS[domain].templates[attribute]``), ``context`` (int index into
+    ``DOMAINS[domain].contexts``; 0 is no context) and ``split``
+    ("train"/"val"/"test").
 
     Entities are split per domain: a seeded ``test_fraction`` (~20%) of each
-    domain's entities go to "test", so no entity -- hence no group -- appears in
-    both splits.  ``phrasings_per_group=None`` keeps every template (6 per
-    attribute, ~7.2k rows); an int keeps a seeded sample of that many templates
-    per group.  ``noise`` adds light variation (lowercase, ", please", dropped
-    final punctuation, each ~10%); ``typo_rate`` (0 by default) swaps two
-    adjacent letters in that fraction of prompts.
+    domain's entities go to "test" and ``val_fraction`` (~10%) to "val", so no
+    entity -- hence no group -- appears in two splits.  With
+    ``holdout_phrasings`` (the default) the splits are also written differently:
+    train prompts use template slots 0-3, each in its own context
+    (:data:`TRAIN_PHRASINGS`, 4 per group); val and test prompts use slots 4-5,
+    plain and in contexts 4-5 (:data:`HELDOUT_PHRASINGS`, 6 per group), which
+    training never sees.  So a fine-tuned encoder is scored on wordings and
+    preambles it was not fitted to.  ``holdout_phrasings=False`` writes every
+    split with all six slots (template i in context i).
+    ``phrasings_per_group=None`` keeps every phrasing of the split; an int
+    keeps a seeded sample of that many per group.  ``noise`` adds light
+    variation (lowercase, ", please", dropped final punctuation, each ~10%);
+    ``typo_rate`` (0 by default) swaps two adjacent letters in that fraction
+    of prompts.
     """
     # Independent streams, so that noise settings never move the split and the
     # phrasing sample.
@@ -970,20 +1002,24 @@ def generate_prompts(
     for domain, spec in DOMAINS.items():
         entities = list(FACTS[domain])
         n_test = max(1, int(round(test_fraction * len(entities))))
-        test_entities = {entities[i] for i in split_rng.permutation(len(entities))[:n_test]}
+        n_val = int(round(val_fraction * len(entities)))
+        order = split_rng.permutation(len(entities))
+        split_of = {entities[i]: "test" for i in order[:n_test]}
+        split_of.update({entities[i]: "val" for i in order[n_test:n_test + n_val]})
         for entity in entities:
-            split = "test" if entity in test_entities else "train"
+            split = split_of.get(entity, "train")
+            phrasings = phrasings_of(split, holdout_phrasings)
             for attribute in spec.attributes:
                 templates = spec.templates[attribute]
-                chosen = range(len(templates))
+                chosen = [(t, c) for t, c in phrasings if t < len(templates)]
                 if phrasings_per_group is not None:
-                    k = min(max(1, int(phrasings_per_group)), len(templates))
-                    chosen = sorted(int(t) for t in pick_rng.choice(len(templates), size=k, replace=False))
+                    k = min(max(1, int(phrasings_per_group)), len(chosen))
+                    chosen = [chosen[int(i)] for i in sorted(pick_rng.choice(len(chosen), size=k, replace=False))]
                 answers = list(FACTS[domain][entity][attribute])
                 group = _group_id(domain, entity, attribute)
-                for t in chosen:
-                    text = _noisy(_phrase(spec, templates[t], t, entity), noise_rng, noise, typo_rate)
-                    rows.append((text, list(answers), group, domain, entity, attribute, t, split))
+                for t, c in chosen:
+                    text = _noisy(_phrase(spec, templates[t], c, entity), noise_rng, noise, typo_rate)
+                    rows.append((text, list(answers), group, domain, entity, attribute, t, c, split))
     return pd.DataFrame(rows, columns=_PROMPT_COLUMNS)
 
 
@@ -1005,15 +1041,16 @@ def generate_pairs(
 
     Half the pairs are positives (two different phrasings of one group).  Of the
     negatives, ``hard_fraction`` are hard, split evenly between *entity swaps*
-    (same domain, attribute and template, another entity: "capital of France"
-    vs "capital of Spain") and *attribute swaps* (same entity and template
-    slot, another attribute: "capital of France" vs "currency of France").
-    Entity swaps prefer a neighbouring entity in the fact table (a related
-    one).  The remaining negatives are random pairs of different groups, half
-    drawn from the whole frame and half from the anchor's domain and phrasing
-    slot.  No prompt is paired with itself and no unordered pair (by text)
-    occurs twice.  Needs the ``domain``/``entity``/``attribute`` columns of
-    :func:`generate_prompts` (``template`` optional).
+    (same domain, attribute, template and context, another entity: "capital of
+    France" vs "capital of Spain") and *attribute swaps* (same entity, template
+    slot and context, another attribute: "capital of France" vs "currency of
+    France").  Entity swaps prefer a neighbouring entity in the fact table (a
+    related one).  The remaining negatives are random pairs of different
+    groups, half drawn from the whole frame and half from the anchor's domain
+    and context (the same preamble).  No prompt is paired with itself and no
+    unordered pair (by text) occurs twice.  Needs the
+    ``domain``/``entity``/``attribute`` columns of :func:`generate_prompts`
+    (``template`` and ``context`` optional).
     """
     rng = np.random.default_rng(seed)
     df = prompts.reset_index(drop=True)
@@ -1022,21 +1059,23 @@ def generate_pairs(
         return pd.DataFrame(columns=_PAIR_COLUMNS)
     groups = df["group"].to_numpy()
     templates = df["template"].to_numpy() if "template" in df else np.zeros(n, dtype=int)
+    # the preamble a prompt is wrapped in (older frames: one context per template slot)
+    contexts = df["context"].to_numpy() if "context" in df else templates
 
     texts = df["prompt"].to_numpy()
     domain, entity, attribute = (df[c].to_numpy() for c in ("domain", "entity", "attribute"))
 
     by_group: dict = {}
-    by_slot: dict = {}  # (domain, attribute, template) -> rows
+    by_slot: dict = {}  # (domain, attribute, template, context) -> rows
     by_da: dict = {}  # (domain, attribute) -> rows
     by_entity: dict = {}  # (domain, entity) -> rows
-    by_dslot: dict = {}  # (domain, template) -> rows
-    for i, (d, e, a, t) in enumerate(zip(domain, entity, attribute, templates)):
+    by_dslot: dict = {}  # (domain, context) -> rows
+    for i, (d, e, a, t, c) in enumerate(zip(domain, entity, attribute, templates, contexts)):
         by_group.setdefault(groups[i], []).append(i)
-        by_slot.setdefault((d, a, t), []).append(i)
+        by_slot.setdefault((d, a, t, c), []).append(i)
         by_da.setdefault((d, a), []).append(i)
         by_entity.setdefault((d, e), []).append(i)
-        by_dslot.setdefault((d, t), []).append(i)
+        by_dslot.setdefault((d, c), []).append(i)
     multi = [rows for rows in by_group.values() if len(rows) > 1]
 
     def positive():
@@ -1046,7 +1085,8 @@ def generate_pairs(
 
     def entity_swap():
         i = int(rng.integers(n))
-        same = [j for j in by_slot[(domain[i], attribute[i], templates[i])] if entity[j] != entity[i]]
+        same = [j for j in by_slot[(domain[i], attribute[i], templates[i], contexts[i])]
+                if entity[j] != entity[i]]
         if not same:  # sampled phrasings: fall back to any template of the attribute
             same = [j for j in by_da[(domain[i], attribute[i])] if entity[j] != entity[i]]
         if not same:
@@ -1061,7 +1101,7 @@ def generate_pairs(
     def attribute_swap():
         i = int(rng.integers(n))
         others = [j for j in by_entity[(domain[i], entity[i])] if attribute[j] != attribute[i]]
-        same_slot = [j for j in others if templates[j] == templates[i]]
+        same_slot = [j for j in others if templates[j] == templates[i] and contexts[j] == contexts[i]]
         cands = same_slot or others
         return (i, _pick(rng, cands)) if cands else None
 
@@ -1070,7 +1110,7 @@ def generate_pairs(
         # phrasing slot (so sharing its preamble, like real boilerplate).
         i = int(rng.integers(n))
         if rng.random() < 0.5:
-            j = _pick(rng, by_dslot[(domain[i], templates[i])])
+            j = _pick(rng, by_dslot[(domain[i], contexts[i])])
         else:
             j = int(rng.integers(n))
         return (i, j) if groups[i] != groups[j] else None
@@ -1171,25 +1211,32 @@ def write_default_dataset(
     n_train_pairs: int = 4000,
     n_test_pairs: int = 1500,
     n_arrivals: int = 5000,
+    n_val_pairs: int = 600,
+    n_val_arrivals: int = 2000,
+    holdout_phrasings: bool = True,
 ) -> dict[str, Path]:
     """Write the default dataset as JSONL files under ``out_dir``.
 
     Files: ``prompts.jsonl`` (all prompts, with ``split``),
-    ``pairs_train.jsonl`` / ``pairs_test.jsonl`` (pairs drawn within each split)
-    and ``stream.jsonl`` (arrivals over the TEST prompts only, so an encoder
-    fine-tuned on the train pairs is evaluated on unseen groups).  Returns a
-    mapping from "prompts", "pairs_train", "pairs_test", "stream" to the paths.
+    ``pairs_train.jsonl`` / ``pairs_val.jsonl`` / ``pairs_test.jsonl`` (pairs
+    drawn within each split), ``stream.jsonl`` (arrivals over the TEST prompts
+    only, so an encoder fine-tuned on the train split is evaluated on unseen
+    groups and, with ``holdout_phrasings``, unseen phrasings) and
+    ``stream_val.jsonl`` (a separate stream over the VAL prompts: choose a
+    threshold there, report it on ``stream.jsonl``).  Returns a mapping from
+    the file stems ("prompts", "pairs_train", ...) to the paths.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = generate_prompts(seed=seed)
-    train = prompts[prompts["split"] == "train"]
-    test = prompts[prompts["split"] == "test"]
+    prompts = generate_prompts(seed=seed, holdout_phrasings=holdout_phrasings)
+    train, val, test = (prompts[prompts["split"] == split] for split in SPLITS)
     frames = {
         "prompts": prompts,
         "pairs_train": generate_pairs(train, n_train_pairs, seed=seed),
+        "pairs_val": generate_pairs(val, n_val_pairs, seed=seed + 2),
         "pairs_test": generate_pairs(test, n_test_pairs, seed=seed + 1),
         "stream": generate_stream(test, n_arrivals, seed=seed),
+        "stream_val": generate_stream(val, n_val_arrivals, seed=seed + 1),
     }
     paths = {}
     for name, frame in frames.items():
@@ -1202,5 +1249,7 @@ def write_default_dataset(
 def run(cfg) -> dict:
     """``raycache generate``: write the default dataset to ``cfg.out`` (a GenerateConfig)."""
     paths = write_default_dataset(cfg.out, seed=cfg.seed, n_train_pairs=cfg.n_train_pairs,
-                                  n_test_pairs=cfg.n_test_pairs, n_arrivals=cfg.n_arrivals)
+                                  n_test_pairs=cfg.n_test_pairs, n_arrivals=cfg.n_arrivals,
+                                  n_val_pairs=cfg.n_val_pairs, n_val_arrivals=cfg.n_val_arrivals,
+                                  holdout_phrasings=cfg.holdout_phrasings)
     return {name: str(path) for name, path in paths.items()}

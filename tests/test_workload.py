@@ -86,14 +86,14 @@ def test_sample_facts():
 
 
 def test_prompt_columns_and_groups(prompts):
-    for col in ["prompt", "answers", "group", "domain", "entity", "attribute", "split"]:
+    for col in ["prompt", "answers", "group", "domain", "entity", "attribute", "template", "context", "split"]:
         assert col in prompts.columns
     assert prompts["prompt"].is_unique
-    assert set(prompts["split"]) == {"train", "test"}
+    assert set(prompts["split"]) == {"train", "val", "test"}
     expected = prompts["domain"] + ":" + prompts["entity"] + ":" + prompts["attribute"]
     assert (prompts["group"] == expected).all()
     row = prompts[prompts["group"] == "country:France:capital"]
-    assert len(row) == len(wl.DOMAINS["country"].templates["capital"])
+    assert len(row) == len(wl.phrasings_of(row["split"].iloc[0]))
     assert all(a == ["Paris"] for a in row["answers"])
     assert all(isinstance(a, list) and a for a in prompts["answers"])
 
@@ -110,11 +110,28 @@ def test_prompts_deterministic(prompts):
 
 
 def test_split_by_entity(prompts, train, test_split):
-    assert not set(train["group"]) & set(test_split["group"])
-    assert not set(train["entity"]) & set(test_split["entity"])
+    val = prompts[prompts["split"] == "val"]
+    for a, b in ((train, test_split), (train, val), (val, test_split)):
+        assert not set(a["group"]) & set(b["group"])
+        assert not set(a["entity"]) & set(b["entity"])
     frac = test_split["entity"].nunique() / prompts["entity"].nunique()
     assert 0.15 <= frac <= 0.25
-    assert set(test_split["domain"]) == set(wl.DOMAINS)  # stratified per domain
+    assert 0.05 <= val["entity"].nunique() / prompts["entity"].nunique() <= 0.15
+    assert set(test_split["domain"]) == set(wl.DOMAINS) == set(val["domain"])  # stratified per domain
+
+
+def test_val_and_test_phrasings_are_held_out_from_training(prompts, train, test_split):
+    """Val/test prompts use templates and preambles that no train prompt uses."""
+    def used(frame):
+        return set(zip(frame["domain"], frame["attribute"], frame["template"])), set(frame["context"]) - {0}
+
+    train_templates, train_contexts = used(train)
+    for split in ("val", "test"):
+        templates, contexts = used(prompts[prompts["split"] == split])
+        assert not templates & train_templates and not contexts & train_contexts, split
+    assert (test_split.groupby("group").size() >= 3).all()  # enough phrasings for positives
+    old = wl.generate_prompts(seed=0, holdout_phrasings=False)
+    assert set(old["template"]) == set(range(6)) and (old.groupby("group").size() == 6).all()
 
 
 def test_phrasings_per_group():
@@ -230,7 +247,7 @@ def test_stream_deterministic(stream, test_split):
 
 def test_write_default_dataset(tmp_path):
     paths = wl.write_default_dataset(tmp_path / "data", seed=0, n_train_pairs=200, n_test_pairs=100, n_arrivals=300)
-    assert set(paths) == {"prompts", "pairs_train", "pairs_test", "stream"}
+    assert set(paths) == {"prompts", "pairs_train", "pairs_val", "pairs_test", "stream", "stream_val"}
     assert all(p.exists() and p.suffix == ".jsonl" for p in paths.values())
     prompts = pd.read_json(paths["prompts"], orient="records", lines=True)
     stream = pd.read_json(paths["stream"], orient="records", lines=True)
@@ -243,6 +260,11 @@ def test_write_default_dataset(tmp_path):
     assert set(test_pairs["prompt_a"]) | set(test_pairs["prompt_b"]) <= test_prompts
     assert not (set(train_pairs["prompt_a"]) | set(train_pairs["prompt_b"])) & test_prompts
     assert isinstance(stream["answers"].iloc[0], list)
+    val_prompts = set(prompts.loc[prompts["split"] == "val", "prompt"])
+    stream_val = pd.read_json(paths["stream_val"], orient="records", lines=True)
+    pairs_val = pd.read_json(paths["pairs_val"], orient="records", lines=True)
+    assert set(stream_val["prompt"]) <= val_prompts
+    assert set(pairs_val["prompt_a"]) | set(pairs_val["prompt_b"]) <= val_prompts
 
 
 def test_generate_cli_writes_readable_files(tmp_path):
@@ -257,3 +279,19 @@ def test_generate_cli_writes_readable_files(tmp_path):
     prompts = read_prompts(tmp_path / "prompts.jsonl")
     assert len(stream) == 30
     assert set(stream["group"]) <= set(prompts.loc[prompts["split"] == "test", "group"])
+
+
+@pytest.mark.slow
+def test_base_encoder_is_weak_on_the_held_out_test_pairs():
+    """all-MiniLM-L6-v2 separates the test split's hard pairs poorly (ROC-AUC < 0.75)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from raycache.encoder import Encoder
+
+    p = wl.generate_prompts(seed=0)
+    pairs = wl.generate_pairs(p[p["split"] == "test"], 600, seed=1)
+    texts = sorted(set(pairs["prompt_a"]) | set(pairs["prompt_b"]))
+    vec = dict(zip(texts, Encoder.load(device="cpu").encode(texts)))
+    sims = [float(np.dot(vec[a], vec[b])) for a, b in zip(pairs["prompt_a"], pairs["prompt_b"])]
+    assert roc_auc_score(pairs["label"], sims) < 0.75
