@@ -357,7 +357,7 @@ class PipelineConfig(_Base):
     losses: list[Literal["bce", "sld"]] = Field(default_factory=lambda: ["bce", "sld"],
                                                 description="Fine-tune once per loss (the first is served).")
     epochs: int = Field(1, ge=1)
-    max_train_pairs: int = Field(2500, ge=10, description="Cap on mined pairs used for fine-tuning.")
+    max_train_pairs: int = Field(1500, ge=10, description="Cap on mined pairs used for fine-tuning (per loss).")
     workers: int = Field(1, ge=1)
     delta: float = Field(0.02, gt=0, lt=1, description="Headline: correct-hit rate at false-hit rate ≤ δ.")
     k: int = Field(4, ge=1, description="Mining: nearest neighbours per prompt.")

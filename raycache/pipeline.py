@@ -40,7 +40,7 @@ UNITS = {"generate": "files", "mine": "prompts", "label": "pairs", "train": "pai
 
 #: --quick: smaller defaults for what the config does not set explicitly
 QUICK = {"n_train_pairs": 400, "n_test_pairs": 600, "n_arrivals": 1500, "n_val_pairs": 300,
-         "n_val_arrivals": 1000, "max_train_pairs": 600, "epochs": 1, "live_arrivals": 300, "k": 3,
+         "n_val_arrivals": 1000, "max_train_pairs": 320, "epochs": 1, "live_arrivals": 300, "k": 3,
          "random_per_prompt": 0.3}
 GENERATE_SIZES = ("n_train_pairs", "n_test_pairs", "n_arrivals", "n_val_pairs", "n_val_arrivals")
 PIPELINE_SIZES = ("max_train_pairs", "epochs", "live_arrivals", "k", "random_per_prompt")

@@ -34,6 +34,7 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's INFO lines stay in its log files
 }
 _NOISY_LOGGERS = ("raycache", "ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "ray.air", "transformers",
                   "httpx", "httpcore", "urllib3", "filelock", "faiss", "uvicorn", "fastapi")

@@ -149,7 +149,7 @@ class HttpReplayClient:
         raise LiveReplayError(f"POST {path} failed after {self.max_retries} retries: {problem}")
 
     def replay(self, shard: dict[str, list], start_at: float, rate: Optional[float] = None,
-               stop_at: Optional[float] = None) -> dict[str, Any]:
+               stop_at: Optional[float] = None, progress_name: Optional[str] = None) -> dict[str, Any]:
         """Replay the shard in order: batched lookups; on a miss, store and look the rest up again.
 
         ``start_at``/``stop_at``: wall-clock seconds (``time.time()``); with ``rate``, arrival row k
@@ -164,7 +164,13 @@ class HttpReplayClient:
         delay = max(0.0, start_at - time.time())
         time.sleep(delay)
         pos = 0
+        reported = time.monotonic()
         while pos < n:
+            if progress_name and time.monotonic() - reported >= 1.0:
+                from raycache.progress import report_line
+
+                report_line(progress_name, pos, n, unit="arrivals")
+                reported = time.monotonic()
             now = time.time()
             if stop_at is not None and now >= stop_at:
                 break
@@ -275,8 +281,8 @@ def run_live(cfg, out: Path) -> dict:
         ray.get([c.ready.remote() for c in clients])
         start_at = time.time() + 0.2
         stop_at = start_at + cfg.duration if cfg.duration else None
-        parts = ray.get([c.replay.remote(s, start_at, cfg.rate, stop_at)
-                         for c, s in zip(clients, shards)])
+        parts = ray.get([c.replay.remote(s, start_at, cfg.rate, stop_at, f"live:{i}")
+                         for i, (c, s) in enumerate(zip(clients, shards))])
     finally:
         for client in clients:
             ray.kill(client)
