@@ -105,7 +105,7 @@ class HttpReplayClient:
 
     def __init__(self, endpoint: str, api_key: Optional[str] = None, timeout_s: float = 30.0,
                  max_retries: int = 6, lookup_batch: int = 32, backoff_s: float = 0.1,
-                 transport: Any = None):
+                 transport: Any = None, adaptive_batch: bool = False):
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -113,6 +113,9 @@ class HttpReplayClient:
                                    transport=transport)
         self.max_retries = max_retries
         self.lookup_batch = lookup_batch
+        # after a miss cut a batch, the next is ~2x the run of hits before the cut (a full batch
+        # doubles, up to lookup_batch): the service re-embeds far fewer prompts; same decisions
+        self.adaptive_batch = adaptive_batch
         self.backoff_s = backoff_s
         self.retries = 0
         self.requests = 0
@@ -165,6 +168,7 @@ class HttpReplayClient:
         time.sleep(delay)
         pos = 0
         reported = time.monotonic()
+        size = self.lookup_batch
         while pos < n:
             if progress_name and time.monotonic() - reported >= 1.0:
                 from raycache.progress import report_line
@@ -180,10 +184,10 @@ class HttpReplayClient:
                 if due > now:
                     time.sleep(due - now)
                     now = time.time()
-                while end < n and end - pos < self.lookup_batch and start_at + rows[end] / rate <= now:
+                while end < n and end - pos < size and start_at + rows[end] / rate <= now:
                     end += 1
             else:
-                end = min(n, pos + self.lookup_batch)
+                end = min(n, pos + size)
             end = next((j for j in range(pos + 1, end) if spaces[j] != spaces[pos]), end)
             body, elapsed = self._post("/v1/cache/lookup",
                                        {"prompts": prompts[pos:end], "namespace": spaces[pos]})
@@ -204,9 +208,13 @@ class HttpReplayClient:
                 out["store_s"].append(elapsed)
                 out["hit"].append(False)
                 out["entry_id"].append(stored["entry_id"])
+                if self.adaptive_batch:
+                    size = max(1, min(self.lookup_batch, 2 * (j + 1 - pos)))
                 pos = j + 1  # the cache changed: the rest of the batch is looked up again
                 break
             else:
+                if self.adaptive_batch:
+                    size = min(self.lookup_batch, 2 * size)
                 pos = end
         out.update(requests=self.requests, retries=self.retries, finished_at=time.time())
         return out
@@ -276,7 +284,7 @@ def run_live(cfg, out: Path) -> dict:
     shards = make_shards(stream, cfg.concurrency)
     actor_cls = ray.remote(num_cpus=CLIENT_NUM_CPUS)(HttpReplayClient)
     clients = [actor_cls.remote(cfg.endpoint, api_key, cfg.timeout_s, cfg.max_retries,
-                                cfg.lookup_batch) for _ in shards]
+                                cfg.lookup_batch, adaptive_batch=True) for _ in shards]
     try:
         ray.get([c.ready.remote() for c in clients])
         start_at = time.time() + 0.2
