@@ -194,20 +194,30 @@ def _operating_points(cfg: PipelineConfig, lay: Layout, models: list[str], cache
     import numpy as np
 
     from raycache.data import read_stream
-    from raycache.ray_embed import embed_texts
+    from raycache.encoder import Encoder
     from raycache.simulation.offline import model_names, resolve_model
 
     calib, test = read_stream(lay.stream_val), read_stream(lay.stream)
     sim = _read_json(lay.sim / "simulation.json")
-    names = model_names([resolve_model(m) for m in models])
-    calib_vecs = embed_texts(calib["prompt"].astype(str).tolist(), [resolve_model(m) for m in models],
-                             cfg.encoder, num_actors=1)
+    resolved = [resolve_model(m) for m in models]
     out = {}
-    for model, name, cvec in zip(models, names, calib_vecs):
+    for model, name in zip(resolved, model_names(resolved)):
         emb = (sim.get("models", {}).get(name) or {}).get("embeddings")
         tvec = np.load(emb) if emb and Path(emb).exists() else None
+        # the val stream has a few hundred distinct prompts: embedded here, in the driver, faster than
+        # starting an actor for them
+        encoder = Encoder.load(model, device=cfg.encoder.device, max_length=cfg.encoder.max_length)
+        codes, uniques = _factorize(calib["prompt"].astype(str).tolist())
+        cvec = np.asarray(encoder.encode(uniques, batch_size=cfg.encoder.batch_size), np.float32)[codes]
         out[name] = operating_point(calib, test, name, cvec, tvec, cfg, cache)
     return out
+
+
+def _factorize(texts: list[str]):
+    import pandas as pd
+
+    codes, uniques = pd.factorize(pd.Series(texts, dtype=object))
+    return codes, [str(u) for u in uniques]
 
 
 def operating_point(calib, test, name: str, calib_vecs, test_vecs, cfg: PipelineConfig, cache) -> dict:
