@@ -263,6 +263,8 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     cache = cfg.cache.model_copy(update={"threshold": float(threshold), "policy": "static"})
     started = time.time()
     progress.set_fields(status="starting the service")
+    if not cfg.verbose:  # Serve (re)configures its logger when it starts: filter its INFO lines
+        logging.getLogger("ray.serve").addFilter(_warnings_only)
     info = app.run(ServeConfig(encoder=encoder, cache=cache, port=port, blocking=False))
     startup_s = time.time() - started
     progress.set_fields(status=None)
@@ -276,6 +278,10 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     progress.set_done(result.get("replayed") or len(stream))
     return {"model": best, "threshold": float(threshold), "threshold_rule": rule,
             "threshold_from": str(lay.stream_val.name), "startup_s": round(startup_s, 1), **result}
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def _served_model(cfg: PipelineConfig, lay: Layout) -> tuple[str, Optional[str]]:
