@@ -31,7 +31,6 @@ Ray is imported only inside :func:`read_dataset`, so this module imports fast.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import datetime as _dt
 import functools
@@ -43,7 +42,6 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 import types
 import unicodedata
 from dataclasses import dataclass
@@ -51,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
+
+from raycache.io import atomic_open, filesystem, is_remote, local_file_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs as pafs
@@ -596,14 +596,11 @@ class _Input:
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     import pyarrow as pa
-    import pyarrow.fs as pafs
 
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowException, ValueError, OSError) as exc:
-            raise DataError(f"{path}: cannot open: {exc}") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return filesystem(path)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot open: {exc}") from exc
 
 
 def _list_inputs(path: Any, fmt: str | None) -> list[_Input]:
@@ -1028,29 +1025,6 @@ def _serialise(df: pd.DataFrame, fmt: str, compression: str | None, f: Any, name
         _write_delimited(df, f, "\t" if fmt == "tsv" else ",")
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[Any]:
-    """A binary file that replaces ``path`` only once it has been fully written."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_table(df: pd.DataFrame, path: Any, fmt: str | None = None) -> None:
     """Write ``df`` as jsonl/json/parquet/csv/tsv (by extension, or ``fmt``).
 
@@ -1074,15 +1048,14 @@ def write_table(df: pd.DataFrame, path: Any, fmt: str | None = None) -> None:
         raise DataError(f"{shown}: writing {compression} compressed {f} is not supported")
     failures = (TypeError, ValueError, OverflowError, UnicodeEncodeError, pa.ArrowException)
     try:
-        if "://" in shown and not shown.startswith("file://"):
+        if is_remote(shown):
             fs, fspath = _filesystem(shown)
             buf = io.BytesIO()
             _serialise(df, f, compression, buf, shown)
             with fs.open_output_stream(fspath, compression=None) as out:
                 out.write(buf.getvalue())
             return
-        local = shown[len("file://"):] if shown.startswith("file://") else shown
-        with _atomic_file(local) as out:
+        with atomic_open(local_file_path(shown), "wb", keep_mode=True) as out:
             _serialise(df, f, compression, out, shown)
     except DataError:
         raise

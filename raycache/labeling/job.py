@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from raycache.config import LabelConfig
 from raycache.data import DataError, read_dataset
+from raycache.io import filesystem, fs_write_atomic
 from raycache.labeling.backends import teacher_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,13 +53,7 @@ class ShardStore:
     """The output folder (local path or pyarrow-filesystem URI) of labelled-pair Parquet shards."""
 
     def __init__(self, out: str):
-        import pyarrow.fs as pafs
-
-        if "://" in out and not out.startswith("file://"):
-            self.fs, self.root = pafs.FileSystem.from_uri(out)
-        else:
-            self.fs = pafs.LocalFileSystem()
-            self.root = os.path.abspath(out[len("file://"):] if out.startswith("file://") else out)
+        self.fs, self.root = filesystem(out)
         self.root = self.root.rstrip("/")
         self.shown = out
         self.fs.create_dir(self.root, recursive=True)
@@ -124,19 +119,7 @@ class ShardStore:
         """Write ``table`` as shard ``name``: to a hidden temporary file, then moved into place."""
         import pyarrow.parquet as pq
 
-        final = f"{self.root}/{name}"
-        tmp = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with self.fs.open_output_stream(tmp) as stream:
-                pq.write_table(table, stream)
-            self.fs.move(tmp, final)
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
-        return final
+        return fs_write_atomic(self.fs, f"{self.root}/{name}", lambda stream: pq.write_table(table, stream))
 
 
 class ShardWriter:

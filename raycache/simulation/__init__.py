@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from raycache.config import SimulateConfig
+from raycache.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +76,10 @@ def _strict_json(value):
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    """Write strict JSON via a temporary file + rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    """Write strict JSON atomically (:func:`raycache.io.atomic_open`), so readers never see a
+    half-written file."""
+    with atomic_open(path, "w") as f:
         json.dump(_strict_json(obj), f, indent=2, default=str, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def summarize(report: dict) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from raycache.config import CacheConfig, ConfigError, EncoderConfig
+from raycache.io import atomic_path
 from raycache.data import DataError, normalize_text
 from raycache.simulation.metrics import Decisions
 
@@ -130,15 +131,13 @@ def embed_stream(prompts: Sequence[str], encoder_cfg: EncoderConfig, out_path: P
     (.npy, reusable as ``--embeddings``) chunk by chunk, and return it memory-mapped."""
     codes, uniques = pd.factorize(pd.Series(prompts, dtype=object))
     unique_vecs = embed_prompts(list(uniques), encoder_cfg)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.npy")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                       shape=(len(codes), unique_vecs.shape[1]))
-    for start in range(0, len(codes), chunk_size):
-        matrix[start:start + chunk_size] = unique_vecs[codes[start:start + chunk_size]]
-    matrix.flush()
-    del matrix
-    tmp.replace(out_path)
+    with atomic_path(out_path, keep_mode=True) as tmp:
+        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                           shape=(len(codes), unique_vecs.shape[1]))
+        for start in range(0, len(codes), chunk_size):
+            matrix[start:start + chunk_size] = unique_vecs[codes[start:start + chunk_size]]
+        matrix.flush()
+        del matrix
     return np.load(out_path, mmap_mode="r")
 
 
