@@ -196,13 +196,13 @@ def plot_curves(sims: dict[str, np.ndarray], labels: Sequence[float], out_dir: P
     return paths
 
 
-def run(cfg: EvaluateConfig) -> dict:
-    """``raycache evaluate``: metrics.json + roc.png + pr.png in cfg.out."""
+def run(cfg: EvaluateConfig, progress: bool = True) -> dict:
+    """``raycache evaluate``: metrics.json + roc.png + pr.png in cfg.out (``progress``: encoding bars)."""
     from raycache.data import parse_columns, read_pairs
 
     pairs = read_pairs(cfg.pairs, columns=parse_columns(cfg.read.columns), skip_invalid=cfg.read.skip_invalid)
     models: list[str | None] = list(cfg.models) or [cfg.encoder.model]
-    results, sims = evaluate_models(pairs, models, cfg.encoder, cfg.thresholds)
+    results, sims = evaluate_models(pairs, models, cfg.encoder, cfg.thresholds, progress=progress)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = pairs.loc[pairs["label"].notna(), "label"].to_numpy()

@@ -167,7 +167,7 @@ def stage_evaluate(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     models = _models(cfg, lay)
     progress.set_total(len(models))
     result = evaluation.run(EvaluateConfig(pairs=str(lay.pairs_test), out=str(lay.eval), models=models,
-                                           encoder=cfg.encoder))
+                                           encoder=cfg.encoder), progress=False)
     progress.update(len(models))
     return result
 

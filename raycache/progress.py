@@ -137,14 +137,16 @@ def _format_fields(fields: dict[str, Any]) -> str:
 
 
 def format_line(stage: str, done: float, total: Optional[float], elapsed: Optional[float] = None,
-                unit: str = "it", **fields: Any) -> str:
-    """``[stage] done/total unit (pct) · rate unit/s · ETA m:ss · field value, ...`` (one line)."""
+                unit: str = "it", since_done: float = 0.0, **fields: Any) -> str:
+    """``[stage] done/total unit (pct) · rate unit/s · ETA m:ss · field value, ...`` (one line).
+
+    The rate is ``(done - since_done) / elapsed``: the units done in the ``elapsed`` seconds."""
     text = f"[{stage}] "
     text += f"{done:g}/{total:g} {unit}" if total else f"{done:g} {unit}"
     if total:
         text += f" ({100.0 * done / total:.0f}%)"
-    if elapsed and elapsed > 0 and done:
-        rate = done / elapsed
+    if elapsed and elapsed > 0 and done > since_done:
+        rate = (done - since_done) / elapsed
         text += f" · {rate:.1f} {unit}/s"
         if total and done < total:
             text += f" · ETA {tqdm.format_interval((total - done) / rate)}"
@@ -156,7 +158,7 @@ def format_line(stage: str, done: float, total: Optional[float], elapsed: Option
 
 _sink_handle: Any = None
 _sink_checked_at = -1e9
-_started: dict[str, float] = {}
+_started: dict[str, tuple[float, float]] = {}  # stage -> (first report's time, its done)
 
 
 def _find_sink():
@@ -196,8 +198,9 @@ def report_line(stage: str, done: float, total: Optional[float] = None, **fields
                 return
             except Exception:
                 pass
-        started = _started.setdefault(stage, time.monotonic())
-        print(format_line(stage, done, total, time.monotonic() - started, unit, **fields), flush=True)
+        started, since_done = _started.setdefault(stage, (time.monotonic(), float(done)))
+        print(format_line(stage, done, total, time.monotonic() - started, unit, since_done, **fields),
+              flush=True)
     except Exception:  # progress must never break the work it reports on
         pass
 

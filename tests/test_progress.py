@@ -54,3 +54,10 @@ def test_quiet_turns_off_ray_data_and_transformers_output():
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert env["TRANSFORMERS_VERBOSITY"] == "error"
     assert progress.quiet(verbose=True) == {}
+
+
+def test_rate_counts_only_units_done_since_the_first_report():
+    # a resumed run reports done=1000 at once: its rate is what it did since, not 1000 / ~0 s
+    line = progress.format_line("train:bce", 1100, 2000, elapsed=10.0, unit="pairs", since_done=1000)
+    assert "10.0 pairs/s" in line
+    assert "pairs/s" not in progress.format_line("train:bce", 1000, 2000, elapsed=0.001, since_done=1000)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raycache.config import TrainConfig
+from raycache.progress import report_line
 from raycache.training.head import PairScorer, SimilarityHead
 from raycache.training.losses import InBatchContrastiveLoss, build_loss
 
@@ -308,9 +309,10 @@ class _WorkerRun:
             if self.rank == 0 and (now - last_print >= PROGRESS_EVERY_S or step == 1):
                 last_print = now
                 rate = self.world * n_pairs / (now - t0)
-                eta = (self.steps_per_epoch - step) * self.world * cfg.batch_size / max(rate, 1e-9)
-                progress_line(f"train epoch {epoch}/{cfg.epochs} step {step}/{self.steps_per_epoch} "
-                              f"loss {loss_sum / n_pairs:.4f} {rate:.1f} pairs/s ETA {eta:.0f}s")
+                per_epoch = self.steps_per_epoch * self.world * cfg.batch_size
+                report_line(f"train:{cfg.loss}", (epoch - 1) * per_epoch + self.world * n_pairs,
+                            per_epoch * cfg.epochs, epoch=f"{epoch}/{cfg.epochs}",
+                            loss=round(loss_sum / n_pairs, 4), pairs_s=round(rate, 1))
         loss_sum, n_total = _all_reduce_sum([loss_sum, float(n_pairs)], device)
         train_s = time.perf_counter() - t0
         return {
