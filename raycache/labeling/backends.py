@@ -20,8 +20,6 @@ import email.utils
 import logging
 import math
 import os
-import re
-import string
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -32,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from raycache.answers import answer_set, normalize_answer  # noqa: F401  (normalize_answer re-exported)
+from raycache.chat_api import chat_completions_url
 from raycache.config import ConfigError, LabelConfig
 from raycache.labeling.prompt import (
     ANSWER_VARIANTS,
@@ -218,24 +218,6 @@ def with_label_columns(table: "pa.Table", labels: Sequence[float], teachers: Seq
 # --------------------------------------------------------------------------- reference
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = str(text).lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def _answer_set(value: Any) -> set[str]:
-    """Normalised, non-empty answers of a cell (list/array of str, a str, or missing)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return set()
-    items = [value] if isinstance(value, str) else list(value)
-    return {a for a in (normalize_answer(x) for x in items if isinstance(x, str)) if a}
-
-
 def _group(value: Any) -> Optional[str]:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return None
@@ -278,7 +260,7 @@ class ReferenceTeacher(BatchTeacher):
         groups_b = pairs["group_b"].tolist() if "group_b" in pairs else none
         out: list[Judgement] = []
         for ans_a, ans_b, grp_a, grp_b in zip(answers_a, answers_b, groups_a, groups_b):
-            set_a, set_b = _answer_set(ans_a), _answer_set(ans_b)
+            set_a, set_b = answer_set(ans_a), answer_set(ans_b)
             grp_a, grp_b = _group(grp_a), _group(grp_b)
             has_answers, has_groups = bool(set_a and set_b), grp_a is not None and grp_b is not None
             if not (has_answers or has_groups):
@@ -468,12 +450,6 @@ def judgement_from_chat_response(body: Any) -> Judgement:
     if p is None:
         return None, f"unparseable answer: {describe_answer(text)}"
     return p, None
-
-
-def chat_completions_url(endpoint: str) -> str:
-    """``http://host:8000/v1`` -> ``http://host:8000/v1/chat/completions`` (full URLs kept)."""
-    base = endpoint.rstrip("/")
-    return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
 
 class OpenAITeacher(BatchTeacher):

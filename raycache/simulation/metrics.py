@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from raycache.data import normalize_text
+from raycache.answers import answer_set
 
 CORRECTNESS_MODES = ("group", "answers", "unknown")
 
@@ -50,17 +50,9 @@ def correctness_mode(stream: pd.DataFrame) -> str:
     """'group' if any arrival has a group, else 'answers' if any has answers, else 'unknown'."""
     if "group" in stream.columns and stream["group"].notna().any():
         return "group"
-    if "answers" in stream.columns and any(_answer_set(a) for a in stream["answers"]):
+    if "answers" in stream.columns and any(answer_set(a) for a in stream["answers"]):
         return "answers"
     return "unknown"
-
-
-def _answer_set(answers) -> frozenset[str]:
-    if answers is None or (isinstance(answers, float) and np.isnan(answers)):
-        return frozenset()
-    if isinstance(answers, str):
-        answers = [answers]
-    return frozenset(normalize_text(str(a)) for a in answers if str(a).strip())
 
 
 def _namespaces(stream: pd.DataFrame) -> np.ndarray:
@@ -87,7 +79,7 @@ def oracle_hits(stream: pd.DataFrame, mode: Optional[str] = None) -> np.ndarray:
     seen: set[tuple[str, str]] = set()
     out = np.zeros(n, bool)
     for i, (space, answers) in enumerate(zip(ns, stream["answers"])):
-        keys = {(space, a) for a in _answer_set(answers)}
+        keys = {(space, a) for a in answer_set(answers)}
         out[i] = bool(keys & seen)
         seen |= keys
     return out
@@ -111,7 +103,7 @@ def hit_correctness(stream: pd.DataFrame, decisions: Decisions,
     elif mode == "answers":
         answers = stream["answers"].to_numpy(dtype=object)
         for r, o in zip(rows.tolist(), origin.tolist()):
-            a, b = _answer_set(answers[r]), _answer_set(answers[o])
+            a, b = answer_set(answers[r]), answer_set(answers[o])
             if a and b:
                 out[r] = int(bool(a & b))
     return out

@@ -34,7 +34,8 @@ NEVER = 2.0  # a threshold no cosine reaches: the cache answers exact repeats on
 def _group_keys(stream: pd.DataFrame) -> np.ndarray:
     """[n] object: the component each arrival belongs to for a split (its group; with answers only,
     the connected component of arrivals sharing an answer; rows with neither: their own prompt)."""
-    from raycache.simulation.metrics import _answer_set, correctness_mode
+    from raycache.answers import answer_set
+    from raycache.simulation.metrics import correctness_mode
 
     mode = correctness_mode(stream)
     prompts = stream["prompt"].astype(str).to_numpy(dtype=object)
@@ -54,7 +55,7 @@ def _group_keys(stream: pd.DataFrame) -> np.ndarray:
     keys = []
     answers = stream["answers"] if "answers" in stream.columns else [None] * len(stream)
     for prompt, ans in zip(prompts, answers):
-        items = [f"a:{a}" for a in sorted(_answer_set(ans))] or [f"p:{prompt}"]
+        items = [f"a:{a}" for a in sorted(answer_set(ans))] or [f"p:{prompt}"]
         for other in items[1:]:
             ra, rb = find(items[0]), find(other)
             if ra != rb:
