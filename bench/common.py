@@ -124,8 +124,10 @@ def latency_ms(samples_s: Iterable[float]) -> dict[str, float]:
     ms = np.asarray(list(samples_s), dtype=np.float64) * 1e3
     if ms.size == 0:
         return {"n": 0}
-    return {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean())}
+    from raycache.numeric import percentiles
+
+    p = percentiles(ms, (50, 99))
+    return {"n": int(ms.size), "p50_ms": p["p50"], "p99_ms": p["p99"], "mean_ms": float(ms.mean())}
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -25,16 +25,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from bench.common import latency_ms, markdown_table, setup_env, write_results
+from raycache.numeric import unit_rows
 
 DIM = 384
 N_CENTRES = 1000
 BATCH = 64
 
 SearchFn = Callable[[np.ndarray], np.ndarray]  # queries [m, dim] -> top-1 entry ids [m]
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def make_vectors(n: int, kind: str, rng: np.random.Generator, centres: np.ndarray | None = None) -> np.ndarray:

@@ -139,6 +139,14 @@ def normalize_text(s: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", s).lower().split())
 
 
+def stream_namespaces(stream: pd.DataFrame, default: str = "default") -> np.ndarray:
+    """[n] object array of str: each arrival's ``namespace`` (``default`` where the column is
+    missing or the cell is empty)."""
+    if "namespace" not in stream.columns:
+        return np.full(len(stream), default, dtype=object)
+    return stream["namespace"].fillna(default).astype(str).to_numpy(dtype=object)
+
+
 def pair_id(prompt_a: str, prompt_b: str) -> str:
     """Stable 16-hex-digit id of the unordered pair ``{prompt_a, prompt_b}``.
 

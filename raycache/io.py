@@ -1,4 +1,5 @@
-"""Files and URIs in one place: atomic writes, local-path / URI parsing, pyarrow filesystem resolution.
+"""Local I/O plumbing in one place: atomic writes, local-path / URI parsing, pyarrow filesystem
+resolution, a free TCP port.
 
 * :func:`atomic_open` / :func:`atomic_path` / :func:`write_text_atomic`: write a local file through a
   hidden temporary file in the same folder (``.<name>.<random>.tmp``), ``fsync`` it, then
@@ -7,6 +8,7 @@
 * :func:`is_remote`, :func:`local_file_path`: what a path string names (a local path, a ``file://`` URI,
   or another filesystem's URI such as ``s3://bucket/key``).
 * :func:`filesystem`: the pyarrow filesystem and the path within it for a local path or URI.
+* :func:`free_port`: a TCP port that is free right now (for a local service or Ray head).
 
 Only the standard library is imported at module level; pyarrow is imported when a filesystem is asked for.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -24,8 +27,8 @@ from urllib.parse import unquote, urlsplit
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs as pafs
 
-__all__ = ["atomic_open", "atomic_path", "filesystem", "fs_write_atomic", "fsync_dir", "is_remote",
-           "local_file_path", "write_text_atomic"]
+__all__ = ["atomic_open", "atomic_path", "filesystem", "free_port", "fs_write_atomic", "fsync_dir",
+           "is_remote", "local_file_path", "write_text_atomic"]
 
 FILE_SCHEME = "file://"
 
@@ -172,3 +175,13 @@ def fs_write_atomic(fs: "pafs.FileSystem", final: str, write: Callable[[Any], No
             fs.delete_file(tmp)
         raise
     return final
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 
 from raycache.config import LabelConfig
 from raycache.data import read_pairs, write_table
+from raycache.io import free_port
 from raycache.labeling import job
 
 pytestmark = pytest.mark.ray
@@ -141,12 +141,6 @@ def test_duplicate_pairs_in_the_input_are_written_once(ray_local, tmp_path):
     assert read_pairs(out)["pair_id"].is_unique
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_jobs_label_py_through_ray_job_submit(tmp_path):
     """`ray job submit -- python jobs/label.py` against a fresh `ray start --head` cluster."""
@@ -157,16 +151,16 @@ def test_jobs_label_py_through_ray_job_submit(tmp_path):
     data = workload.write_default_dataset(tmp_path / "data", n_train_pairs=200, n_test_pairs=20,
                                           n_arrivals=20)
     out = tmp_path / "labels"
-    dashboard = _free_port()
+    dashboard = free_port()
     # a token file written by an earlier ray.init turns on token auth for `ray start`
     env = {**os.environ, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() \
         else dict(os.environ)
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
+        [ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
          "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats",
          # free ports, not the defaults another cluster on this machine may hold
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--temp-dir={tempfile.mkdtemp(prefix='rc-job-', dir='/tmp')}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from raycache.data import DataError, normalize_text
+from raycache.data import DataError, normalize_text, stream_namespaces
 from raycache.simulation.metrics import (Decisions, correctness_mode, latency_summary, oracle_hits,
                                          replay_metrics)
 
@@ -75,8 +75,7 @@ def shard_of(namespace: str, key: str, shards: int) -> int:
 def make_shards(stream: pd.DataFrame, shards: int) -> list[dict[str, list]]:
     """Split arrivals into ``shards`` lists (rows in arrival order), by (namespace, group)."""
     n = len(stream)
-    spaces = (stream["namespace"].fillna("default").astype(str).tolist()
-              if "namespace" in stream.columns else ["default"] * n)
+    spaces = stream_namespaces(stream).tolist()
     groups = stream["group"].tolist() if "group" in stream.columns else [None] * n
     prompts = stream["prompt"].astype(str).tolist()
     responses = (stream["response"].tolist() if "response" in stream.columns else [None] * n)

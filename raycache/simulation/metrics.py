@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from raycache.answers import answer_set
+from raycache.data import stream_namespaces
+from raycache.numeric import percentiles
 
 CORRECTNESS_MODES = ("group", "answers", "unknown")
 
@@ -55,12 +57,6 @@ def correctness_mode(stream: pd.DataFrame) -> str:
     return "unknown"
 
 
-def _namespaces(stream: pd.DataFrame) -> np.ndarray:
-    if "namespace" not in stream.columns:
-        return np.full(len(stream), "default", dtype=object)
-    return stream["namespace"].fillna("default").astype(str).to_numpy(dtype=object)
-
-
 def oracle_hits(stream: pd.DataFrame, mode: Optional[str] = None) -> np.ndarray:
     """[n] bool: the arrival's group (or an answer) already appeared earlier in its namespace.
 
@@ -71,7 +67,7 @@ def oracle_hits(stream: pd.DataFrame, mode: Optional[str] = None) -> np.ndarray:
     n = len(stream)
     if mode == "unknown":
         return np.zeros(n, bool)
-    ns = _namespaces(stream)
+    ns = stream_namespaces(stream)
     if mode == "group":
         groups = stream["group"]
         keyed = pd.DataFrame({"ns": ns, "group": groups.astype(object)})
@@ -162,6 +158,5 @@ def latency_summary(latencies_s: Sequence[float]) -> Optional[dict]:
     if len(latencies_s) == 0:
         return None
     ms = np.asarray(latencies_s, dtype=np.float64) * 1000.0
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"count": int(len(ms)), "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99),
+    return {"count": int(len(ms)), **{f"{k}_ms": v for k, v in percentiles(ms).items()},
             "mean_ms": float(ms.mean()), "max_ms": float(ms.max())}

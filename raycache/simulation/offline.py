@@ -29,7 +29,8 @@ import pandas as pd
 
 from raycache.config import CacheConfig, ConfigError, EncoderConfig
 from raycache.io import atomic_path
-from raycache.data import DataError, normalize_text
+from raycache.numeric import unit_rows as _unit_rows
+from raycache.data import DataError, normalize_text, stream_namespaces
 from raycache.simulation.metrics import Decisions
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ class ReplayStream:
         if vectors.ndim != 2 or vectors.shape[0] != n:
             raise DataError(f"embeddings have shape {tuple(vectors.shape)}; expected [{n}, dim] "
                             f"(one row per arrival of the stream)")
-        namespaces = (stream["namespace"].fillna("default").astype(str).to_numpy(dtype=object)
-                      if "namespace" in stream.columns else np.full(n, "default", dtype=object))
+        namespaces = stream_namespaces(stream)
         if "response" in stream.columns:
             responses = stream["response"].to_numpy(dtype=object).copy()
             missing = pd.isna(responses)
@@ -221,12 +221,9 @@ def vectorized_supported(cache: CacheConfig) -> Optional[str]:
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, the same computation the engine applies to the vectors it gets."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise DataError("embeddings must be finite and non-zero")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    """Rows scaled to unit L2 norm, the same computation the engine applies to the vectors it gets
+    (:func:`raycache.numeric.unit_rows`); DataError for a non-finite or zero row."""
+    return _unit_rows(x, DataError, "embeddings")
 
 
 def replay_vectorized(stream: ReplayStream, thresholds: Sequence[float], exact_tier: bool = True,
