@@ -42,6 +42,8 @@ def upstream_app(calls: list) -> FastAPI:
             return JSONResponse({"error": {"message": "model crashed"}}, status_code=500)
         if "SLOW" in prompt:
             await asyncio.sleep(2.5)
+        if "PAUSE" in prompt:
+            await asyncio.sleep(0.5)
         if body.get("stream"):
             async def events():
                 for token in ("Hel", "lo"):
@@ -235,6 +237,42 @@ def test_bad_inputs_get_4xx_not_500(service, path, body, status):
     response = client.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"] and "Traceback" not in response.text
+
+
+def test_batch_store_and_one_embedding_per_miss(service):
+    client, _ = service
+    prompts = ["Which ocean is the largest?", "How tall is Mount Everest?", "Who wrote Hamlet?"]
+    reply = client.post("/v1/cache/store", headers=AUTH, json={
+        "prompts": prompts, "responses": ["Pacific.", "8,849 m.", "Shakespeare."], "namespace": "batch"})
+    assert reply.status_code == 200, reply.text
+    ids = reply.json()["entry_ids"]
+    assert len(set(ids)) == 3 and lookup(client, "Who wrote Hamlet?", namespace="batch")["entry_id"] == ids[2]
+    bad = client.post("/v1/cache/store", headers=AUTH, json={"prompts": prompts, "responses": ["x"]})
+    assert bad.status_code == 422 and "1 responses for 3 prompts" in bad.json()["error"]["message"]
+    reused = client.get("/v1/cache/stats", headers=AUTH).json()["vectors_reused"]
+    assert not lookup(client, "What is the longest river in Africa?", namespace="batch")["hit"]
+    store(client, "What is the longest river in Africa?", "The Nile.", namespace="batch")
+    assert client.get("/v1/cache/stats", headers=AUTH).json()["vectors_reused"] == reused + 1
+
+
+def test_concurrent_identical_chat_misses_make_one_upstream_call(service, upstream):
+    client, _ = service
+    calls = upstream[1]
+    before = len(calls)
+    chat(client, "Seed the scope, please.", namespace="flight")
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "Answer briefly."},
+                                          {"role": "user", "content": "PAUSE: what is the speed of light?"}]}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=30) as aclient:
+            return await asyncio.gather(*(aclient.post(
+                "/v1/chat/completions", json=body, headers={**AUTH, "x-raycache-namespace": "flight"})
+                for _ in range(6)))
+
+    replies = asyncio.run(burst())
+    assert [r.status_code for r in replies] == [200] * 6
+    assert sorted(r.headers["x-raycache"] for r in replies) == ["hit"] * 5 + ["miss"]
+    assert len(calls) == before + 2  # the seed and one call for the six
 
 
 def test_ttl_expiry(service):

@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from raycache.cache.scope import MAX_NAMESPACE_CHARS, chat_key
+from raycache.cache.scope import MAX_NAMESPACE_CHARS, chat_key, history_hash
 from raycache.config import CHAT_KEY_FIELDS, CHAT_UNKEYED_FIELDS
+from raycache.service.coalesce import VECTOR_MEMO_SIZE, SingleFlight, VectorMemo
 from raycache.service.upstream import (UpstreamClient, UpstreamError, UpstreamTimeout, completion_problem,
                                        is_strict_json)
 
@@ -163,8 +164,13 @@ class BatchLookupResponse(BaseModel):
 
 
 class StoreRequest(_Request):
-    prompt: str
-    response: str
+    """One entry (``prompt`` + ``response``) or a batch (``prompts`` + ``responses``, the same
+    length) stored in ``namespace`` (+ ``history``), each with time to live ``ttl_s``."""
+
+    prompt: Optional[str] = Field(None, description="One prompt (with response).")
+    response: Optional[str] = Field(None, description="The response cached for prompt.")
+    prompts: Optional[list[str]] = Field(None, description="A batch of prompts (instead of prompt).")
+    responses: Optional[list[str]] = Field(None, description="One response per prompt of the batch.")
     namespace: str = Field("default", min_length=1, max_length=MAX_NAMESPACE_CHARS)
     history: Optional[list[Turn]] = Field(None, max_length=MAX_HISTORY_TURNS)
     ttl_s: Optional[float] = Field(None, gt=0, le=MAX_TTL_S, description="Time to live, seconds.")
@@ -172,6 +178,10 @@ class StoreRequest(_Request):
 
 class StoreResponse(BaseModel):
     entry_id: int
+
+
+class BatchStoreResponse(BaseModel):
+    entry_ids: list[int]
 
 
 class ClearResponse(BaseModel):
@@ -205,13 +215,17 @@ class HealthResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- backends
 class CacheBackend(Protocol):
-    """What the routes need from the cache (the CacheEngine deployment, or EngineBackend)."""
+    """What the routes need from the cache (the CacheEngine deployment, or EngineBackend).
+    ``store_batch`` is optional: the routes fall back to one ``store`` per prompt without it."""
 
     async def lookup(self, prompts: list[str], namespace: str = "default",
                      histories: Optional[list] = None) -> list[dict]: ...
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int: ...
+
+    async def store_batch(self, prompts: list[str], responses: list[str], namespace: str = "default",
+                          history: Optional[list] = None, ttl_s: Optional[float] = None) -> list[int]: ...
 
     async def stats(self) -> dict: ...
 
@@ -227,36 +241,83 @@ class EngineBackend:
     ``embed``: async texts -> float32 [n, dim], or (vectors, tail keys) from an encoder with a
     window (the Serve embedder's ``embed_with_tails``); default: the cache's own encoder in a worker
     thread. Embedding runs outside the cache lock, so concurrent requests' prompts reach a batching
-    embedder together.
+    embedder together, and every cache call runs in a worker thread (``asyncio.to_thread``), never
+    on the event loop: a search, an eviction or a snapshot holding the lock blocks no other request.
+
+    One embedding per prompt: the vectors of recently embedded prompts are kept
+    (:class:`raycache.service.coalesce.VectorMemo`, ``memo_size`` texts), so the store after a
+    missed lookup of the same text (the chat proxy's miss, a cache-aside client) reuses the
+    lookup's vector instead of embedding the prompt again.
     """
 
-    def __init__(self, cache: Any, embed: Optional[Callable[[list[str]], Awaitable[Embedded]]] = None):
+    def __init__(self, cache: Any, embed: Optional[Callable[[list[str]], Awaitable[Embedded]]] = None,
+                 memo_size: int = VECTOR_MEMO_SIZE):
         self.cache = cache
         self._embed = embed or self._embed_locally
+        self.memo = VectorMemo(memo_size)
 
     async def _embed_locally(self, texts: list[str]) -> Embedded:
         if self.cache.encoder is None:
             raise RuntimeError("EngineBackend needs an embed function or a cache with an encoder")
         return await asyncio.to_thread(self.cache.embed, texts)
 
+    async def vectors(self, texts: list[str]) -> tuple[np.ndarray, Optional[list[str]]]:
+        """(vectors [n, dim], tail keys or None = the cache's own) of ``texts``: remembered ones
+        from the memo, the others embedded in one call (and remembered)."""
+        rows: list[Optional[np.ndarray]] = [None] * len(texts)
+        tails: list[Optional[str]] = [None] * len(texts)
+        missing = []
+        for i, text in enumerate(texts):
+            known = self.memo.get(text)
+            if known is None:
+                missing.append(i)
+            else:
+                rows[i], tails[i] = known
+        if missing:
+            new_texts = [texts[i] for i in missing]
+            embedded = await self._embed(new_texts)
+            vecs, new_tails = embedded if isinstance(embedded, tuple) else (embedded, None)
+            vecs = np.asarray(vecs, dtype=np.float32)
+            if vecs.ndim != 2 or len(vecs) != len(missing):
+                raise ValueError(f"the embedder answered {vecs.shape} for {len(missing)} texts")
+            if new_tails is not None:
+                new_tails = ["" if t is None else str(t) for t in new_tails]
+                if len(new_tails) != len(missing):
+                    raise ValueError(f"the embedder answered {len(new_tails)} tail keys for {len(missing)} texts")
+            self.memo.put(new_texts, vecs, new_tails)
+            for row, i in enumerate(missing):
+                rows[i], tails[i] = vecs[row], None if new_tails is None else new_tails[row]
+        if not texts:
+            return np.zeros((0, self.cache.dim), np.float32), []
+        known_tails = None if any(t is None for t in tails) else [str(t) for t in tails]
+        return np.stack(rows).astype(np.float32, copy=False), known_tails
+
     async def lookup(self, prompts: list[str], namespace: str = "default",
                      histories: Optional[list] = None) -> list[dict]:
-        pending = self.cache.begin_lookup(prompts, namespace, histories)
-        vectors = await self._embed(pending.texts) if pending.need else None
-        return [r.to_dict() for r in self.cache.complete_lookup(pending, vectors)]
+        pending = await asyncio.to_thread(self.cache.begin_lookup, prompts, namespace, histories)
+        vectors, tails = await self.vectors(pending.texts) if pending.need else (None, [])
+        results = await asyncio.to_thread(self.cache.complete_lookup, pending, vectors, tails)
+        return [r.to_dict() for r in results]
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int:
-        embedded = await self._embed([prompt])
-        vectors, tails = embedded if isinstance(embedded, tuple) else (embedded, None)
-        return self.cache.store(prompt, response, namespace, history, ttl_s, vector=vectors[0],
-                                tail=None if tails is None else tails[0])
+        return (await self.store_batch([prompt], [response], namespace, history, ttl_s))[0]
+
+    async def store_batch(self, prompts: list[str], responses: list[str], namespace: str = "default",
+                          history: Optional[list] = None, ttl_s: Optional[float] = None) -> list[int]:
+        """Store ``responses[i]`` for ``prompts[i]``, all in ``namespace`` (+ ``history``), with one
+        embedding call for the prompts the memo does not hold; atomic (all stored or none)."""
+        vectors, tails = await self.vectors(list(prompts))
+        histories = None if history is None else [history] * len(prompts)
+        return await asyncio.to_thread(self.cache.store_batch, prompts, responses, namespace, histories,
+                                       ttl_s, vectors, tails)
 
     async def stats(self) -> dict:
-        return self.cache.stats()
+        stats = await asyncio.to_thread(self.cache.stats)
+        return {**stats, "vectors_reused": self.memo.reused}
 
     async def clear(self, namespace: Optional[str] = None) -> int:
-        return self.cache.clear(namespace)
+        return await asyncio.to_thread(self.cache.clear, namespace)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -392,6 +453,7 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
     of ``settings.upstream`` (key from env var ``settings.upstream_api_key_env``), made on first
     use and closed at app shutdown. An injected client is the caller's to close."""
     clients = {"upstream": upstream}
+    flights = SingleFlight()  # identical chat misses in flight in this process
 
     def _need_upstream() -> UpstreamClient:
         if clients["upstream"] is None:
@@ -500,16 +562,48 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         results = await _from_backend(backend.lookup(prompts, req.namespace, histories), "lookup")
         return results[0] if req.prompt is not None else {"results": results}
 
-    @app.post("/v1/cache/store", response_model=StoreResponse, tags=["cache"])
+    @app.post("/v1/cache/store", response_model=Union[StoreResponse, BatchStoreResponse], tags=["cache"])
     async def store(req: StoreRequest, request: Request) -> dict:
-        """Cache ``response`` for ``prompt`` in ``namespace`` (+ ``history``), optional ``ttl_s``."""
+        """Cache ``response`` for ``prompt`` (-> ``{entry_id}``), or ``responses[i]`` for each of
+        ``prompts`` (-> ``{entry_ids: [...]}``, all stored or none), in ``namespace`` (+
+        ``history``), optional ``ttl_s``."""
         authorize(request, req.namespace)
-        check_prompt(req.prompt)
-        check_text(req.response, "response")
+        single = req.prompt is not None or req.response is not None
+        if single == (req.prompts is not None or req.responses is not None):
+            raise _fail(422, "send exactly one of 'prompt' + 'response' or 'prompts' + 'responses'")
+        if single:
+            if req.prompt is None or req.response is None:
+                raise _fail(422, f"'{'response' if req.response is None else 'prompt'}' is missing "
+                                 f"(a store needs both 'prompt' and 'response')")
+            check_prompt(req.prompt)
+            check_text(req.response, "response")
+            check_history(req.history)
+            entry_id = await _from_backend(
+                backend.store(req.prompt, req.response, req.namespace, req.history, req.ttl_s), "store")
+            return {"entry_id": entry_id}
+        if req.prompts is None or req.responses is None:
+            raise _fail(422, f"'{'responses' if req.responses is None else 'prompts'}' is missing "
+                             f"(a batch store needs both 'prompts' and 'responses')")
+        if not req.prompts:
+            raise _fail(422, "prompts must not be empty")
+        if len(req.prompts) > settings.max_batch_prompts:
+            raise _fail(422, f"{len(req.prompts)} prompts in one batch; the limit is {settings.max_batch_prompts}")
+        if len(req.responses) != len(req.prompts):
+            raise _fail(422, f"{len(req.responses)} responses for {len(req.prompts)} prompts "
+                             f"(one response per prompt)")
+        for i, (p, r) in enumerate(zip(req.prompts, req.responses)):
+            check_prompt(p, f"prompts[{i}]")
+            check_text(r, f"responses[{i}]")
         check_history(req.history)
-        entry_id = await _from_backend(
-            backend.store(req.prompt, req.response, req.namespace, req.history, req.ttl_s), "store")
-        return {"entry_id": entry_id}
+        batch = getattr(backend, "store_batch", None)
+        if batch is not None:
+            call = batch(req.prompts, req.responses, req.namespace, req.history, req.ttl_s)
+        else:  # a backend without batches: one store each
+            async def call_each() -> list[int]:
+                return [await backend.store(p, r, req.namespace, req.history, req.ttl_s)
+                        for p, r in zip(req.prompts, req.responses)]
+            call = call_each()
+        return {"entry_ids": await _from_backend(call, "store")}
 
     @app.get("/v1/cache/stats", tags=["cache"])
     async def stats(request: Request) -> dict:
@@ -549,28 +643,44 @@ def create_app(backend: CacheBackend, settings: ApiSettings,
         else:
             return await _pass_through(body, req.stream, bypass)
 
+        found, answer = await _answer_from_cache(key, namespace, req, body)
+        if answer is not None:
+            return answer
+        info = {"hit": False, "similarity": found["similarity"]}
+        if req.stream:
+            return await _stream_and_store(body, key, namespace, info, req.n)
+        # concurrent identical misses: the first calls the upstream, the others wait for its
+        # stored answer (and call the upstream themselves only when it stored none)
+        async with flights.join((namespace, key.prompt, history_hash(key.history))) as leader:
+            if not leader:
+                found, answer = await _answer_from_cache(key, namespace, req, body)
+                if answer is not None:
+                    return answer
+                info["similarity"] = found["similarity"]
+            completion = await _forward(body)
+            contents = _answer_contents(completion.get("choices"), req.n)
+            entry_id = None
+            if contents is not None:
+                entry_id = await _store_answer(key, namespace, contents)
+        completion["raycache"] = {**info, "stored": entry_id is not None, "entry_id": entry_id}
+        return JSONResponse(completion, headers={HIT_HEADER: "miss"})
+
+    async def _answer_from_cache(key: Any, namespace: str, req: ChatCompletionRequest,
+                                 body: dict) -> tuple[dict, Optional[Any]]:
+        """(the lookup's result, the cached answer as a response or None on a miss)."""
         try:
             found = (await backend.lookup([key.prompt], namespace, [key.history]))[0]
         except Exception as exc:  # a proxy keeps answering when the cache fails
             logger.error("cache lookup failed (%s); forwarding upstream", type(exc).__name__)
-            found = {"hit": False, "similarity": None}
+            return {"hit": False, "similarity": None}, None
         if found["hit"]:
             contents = _cached_contents(found["response"], req.n)
             if contents is not None:
                 if req.stream:
-                    return _replay_stream(req.model, found, contents, body.get("stream_options"))
-                return JSONResponse(_cached_completion(req.model, found, contents),
-                                    headers={HIT_HEADER: "hit"})
-        info = {"hit": False, "similarity": found["similarity"]}
-        if req.stream:
-            return await _stream_and_store(body, key, namespace, info, req.n)
-        completion = await _forward(body)
-        contents = _answer_contents(completion.get("choices"), req.n)
-        entry_id = None
-        if contents is not None:
-            entry_id = await _store_answer(key, namespace, contents)
-        completion["raycache"] = {**info, "stored": entry_id is not None, "entry_id": entry_id}
-        return JSONResponse(completion, headers={HIT_HEADER: "miss"})
+                    return found, _replay_stream(req.model, found, contents, body.get("stream_options"))
+                return found, JSONResponse(_cached_completion(req.model, found, contents),
+                                           headers={HIT_HEADER: "hit"})
+        return found, None
 
     def check_history(history: Optional[list]) -> None:
         if history is not None and not is_strict_json(history):

@@ -137,7 +137,7 @@ class CacheEngine:
         self.snapshot_status = {"loaded_entries": 0, "load_error": None, "quarantined_to": None}
         self.saver: Optional[PeriodicSnapshot] = None
         if cfg.persist_path:
-            self._load(cfg.persist_path)
+            await asyncio.to_thread(self._load, cfg.persist_path)
             self.saver = PeriodicSnapshot(cfg.persist_path, self.cache.snapshot,
                                           lambda: self.cache.version, cfg.persist_interval_s).start()
 
@@ -173,26 +173,34 @@ class CacheEngine:
         started = time.perf_counter()
         results = await self.backend.lookup(prompts, namespace, histories)
         self.metrics.record_lookups(results, (time.perf_counter() - started) * 1000.0)
-        self.metrics.record_state(self.cache.gauges())
+        await self._record_state()
         return results
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int:
-        entry_id = await self.backend.store(prompt, response, namespace, history, ttl_s)
-        self.metrics.stores.inc()
-        self.metrics.record_state(self.cache.gauges())
-        return entry_id
+        return (await self.store_batch([prompt], [response], namespace, history, ttl_s))[0]
+
+    async def store_batch(self, prompts: list[str], responses: list[str], namespace: str = "default",
+                          history: Optional[list] = None, ttl_s: Optional[float] = None) -> list[int]:
+        entry_ids = await self.backend.store_batch(prompts, responses, namespace, history, ttl_s)
+        self.metrics.stores.inc(len(entry_ids))
+        await self._record_state()
+        return entry_ids
+
+    async def _record_state(self) -> None:
+        """Gauges after a request (the cache call runs in a worker thread, off the event loop)."""
+        self.metrics.record_state(await asyncio.to_thread(self.cache.gauges))
 
     async def stats(self) -> dict:
-        stats = self.cache.stats()
+        stats = await self.backend.stats()
         self.metrics.record_state(stats)
         persist = {"enabled": self.saver is not None, **self.snapshot_status,
                    **(self.saver.status() if self.saver else {})}
         return {**stats, "embed_window_tokens": self.window, "persistence": persist}
 
     async def clear(self, namespace: Optional[str] = None) -> int:
-        removed = self.cache.clear(namespace)
-        self.metrics.record_state(self.cache.gauges())
+        removed = await self.backend.clear(namespace)
+        await self._record_state()
         return removed
 
     def save(self) -> bool:
@@ -216,6 +224,10 @@ class _RemoteBackend:
 
     async def store(self, prompt, response, namespace="default", history=None, ttl_s=None) -> int:
         return await self.engine.store.remote(prompt, response, namespace, history, ttl_s)
+
+    async def store_batch(self, prompts, responses, namespace="default", history=None,
+                          ttl_s=None) -> list[int]:
+        return await self.engine.store_batch.remote(prompts, responses, namespace, history, ttl_s)
 
     async def stats(self) -> dict:
         return await self.engine.stats.remote()

@@ -190,13 +190,29 @@ class VerifyingBackend:
     async def store(self, prompt: str, response: str, namespace: str = "default",
                     history: Optional[list] = None, ttl_s: Optional[float] = None) -> int:
         entry_id = await self.inner.store(prompt, response, namespace, history, ttl_s)
+        self._judge_stored(namespace, prompt, response, history)
+        return entry_id
+
+    async def store_batch(self, prompts: list[str], responses: list[str], namespace: str = "default",
+                          history: Optional[list] = None, ttl_s: Optional[float] = None) -> list[int]:
+        batch = getattr(self.inner, "store_batch", None)
+        if batch is None:
+            entry_ids = [await self.inner.store(p, r, namespace, history, ttl_s)
+                         for p, r in zip(prompts, responses)]
+        else:
+            entry_ids = await batch(prompts, responses, namespace, history, ttl_s)
+        for prompt, response in zip(prompts, responses):
+            self._judge_stored(namespace, prompt, response, history)
+        return entry_ids
+
+    def _judge_stored(self, namespace: str, prompt: str, response: str, history: Optional[list]) -> None:
+        """A fresh answer stored for a prompt picked for verification: judge it in the background."""
         pending = self._pending.pop(_key(namespace, prompt, history), None)
         if pending is not None:
             task = asyncio.get_running_loop().create_task(
                 self._verify(namespace, prompt, response, *pending))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return entry_id
 
     async def _verify(self, namespace: str, prompt: str, fresh: str, rid: int, kind: str,
                       matched_prompt: Optional[str], cached: Optional[str],
