@@ -2,7 +2,8 @@
 
 FAISS is used rather than hand-written search: its flat inner-product kernel is BLAS-backed and its
 HNSW graph is the standard ANN structure. Both indexes map caller-chosen int64 ids to vectors and
-support incremental ``add`` / ``remove`` (HNSW removes by tombstone, filtered at search time).
+support incremental ``add`` / ``remove``; both remove by tombstone, filtered at search time and
+compacted in one pass once tombstones outnumber the live entries (amortised O(1) per removal).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class VectorIndex(Protocol):
         """-> (similarities [m, k] float32, ids [m, k] int64); missing slots are (-inf, -1)."""
         ...
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` -> float32 [len(ids), dim] (the engine keeps no copy)."""
+        ...
+
     def __len__(self) -> int: ...
 
     def reset(self) -> None: ...
@@ -44,37 +49,98 @@ def _as_ids(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
 
 
+def _search_live(index, queries: np.ndarray, k: int, dead: set, live: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest live ids of each query from a FAISS ``index`` that may still hold tombstoned
+    (``dead``) ids: asks for a few more than ``k`` and looks further for the queries whose results
+    were mostly tombstones. Order among equal similarities is FAISS's (insertion order)."""
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    if live <= 0:
+        return out_s, out_i
+    total = int(index.ntotal)
+    if not dead:
+        sims, ids = index.search(queries, min(k, total))
+        found = ids >= 0
+        out_s[:, :ids.shape[1]][found], out_i[:, :ids.shape[1]][found] = sims[found], ids[found]
+        return out_s, out_i
+    pending = np.arange(len(queries))
+    kk = min(k + min(len(dead), 64), total)
+    while len(pending):
+        sims, ids = index.search(queries[pending], kk)
+        short = []
+        for row, r in enumerate(pending):
+            j = 0
+            for s, i in zip(sims[row], ids[row]):
+                if i < 0 or int(i) in dead:
+                    continue
+                out_s[r, j], out_i[r, j] = s, i
+                j += 1
+                if j == k:
+                    break
+            if j < k and kk < total:  # tombstones hid live entries: look further
+                short.append(r)
+        pending = np.asarray(short, dtype=np.int64)
+        kk = min(kk * 4, total)
+    return out_s, out_i
+
+
 class FlatIndex:
-    """Exact inner-product search (faiss IndexFlatIP behind an id map)."""
+    """Exact inner-product search (faiss IndexFlatIP behind an id map).
+
+    Removal is a tombstone (O(1)), filtered at search time; the tombstoned rows are dropped in one
+    pass once they outnumber ``max(compact_min, live entries)``, so removing costs amortised O(1)
+    instead of one O(n) ``remove_ids`` per entry.
+    """
+
+    compact_min = 1024
+    """Tombstones tolerated before a compaction is considered (its cost ~ the index size)."""
 
     def __init__(self, dim: int):
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.reset()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vecs, ids = _as_vectors(vectors, self.dim), _as_ids(ids)
         if len(ids) != len(vecs):
             raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        if self._dead:
+            again = [i for i in ids.tolist() if i in self._dead]
+            if again:  # an id coming back: drop its old row for good first
+                self._index.remove_ids(np.asarray(again, np.int64))
+                self._dead.difference_update(again)
         self._index.add_with_ids(vecs, ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        ids = _as_ids(ids)
-        if len(ids):
-            self._index.remove_ids(ids)
+        """Tombstone ``ids`` (ids it does not hold are ignored only when no compaction is due:
+        callers remove what they added)."""
+        self._dead.update(_as_ids(ids).tolist())
+        if len(self._dead) > max(self.compact_min, len(self)):
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop every tombstoned row (one pass over the index; insertion order kept)."""
+        if self._dead:
+            self._index.remove_ids(np.fromiter(self._dead, np.int64, len(self._dead)))
+            self._dead.clear()
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        q = _as_vectors(queries, self.dim)
-        if self._index.ntotal == 0:
-            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
-        sims, ids = self._index.search(q, k)
-        sims[ids < 0] = -np.inf
-        return sims, ids
+        return _search_live(self._index, _as_vectors(queries, self.dim), k, self._dead, len(self))
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (live ids only), float32 [len(ids), dim]."""
+        ids = _as_ids(ids)
+        out = np.empty((len(ids), self.dim), np.float32)
+        for row, i in enumerate(ids.tolist()):
+            out[row] = self._index.reconstruct(i)
+        return out
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._index.ntotal) - len(self._dead)
 
     def reset(self) -> None:
-        self._index.reset()
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._dead: set[int] = set()
 
 
 class HNSWIndex:
@@ -116,43 +182,33 @@ class HNSWIndex:
     compact_min = 1024
     """Tombstones tolerated before a rebuild is considered (rebuild cost ~ live entries)."""
 
-    def compact(self) -> None:
-        """Rebuild the graph from the live vectors only (drops every tombstone)."""
+    def _live_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the graph, external ids) of the live vectors."""
         external = faiss.vector_to_array(self._index.id_map)
         keep = np.flatnonzero(~np.isin(external, np.fromiter(self._dead, np.int64, len(self._dead))))
+        return keep, external[keep]
+
+    def compact(self) -> None:
+        """Rebuild the graph from the live vectors only (drops every tombstone)."""
+        keep, ids = self._live_rows()
         vectors = (np.stack([self._base.reconstruct(int(i)) for i in keep]) if len(keep)
                    else np.zeros((0, self.dim), np.float32))
-        ids = external[keep]
         self.reset()
         if len(ids):
             self.add(ids, vectors)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        q = _as_vectors(queries, self.dim)
-        out_s = np.full((len(q), k), -np.inf, np.float32)
-        out_i = np.full((len(q), k), -1, np.int64)
-        if self._live <= 0:
-            return out_s, out_i
-        total = int(self._index.ntotal)
-        pending = np.arange(len(q))
-        kk = min(k + min(len(self._dead), 64), total)
-        while len(pending):
-            sims, ids = self._index.search(q[pending], kk)
-            short = []
-            for row, r in enumerate(pending):
-                j = 0
-                for s, i in zip(sims[row], ids[row]):
-                    if i < 0 or int(i) in self._dead:
-                        continue
-                    out_s[r, j], out_i[r, j] = s, i
-                    j += 1
-                    if j == k:
-                        break
-                if j < k and kk < total:  # tombstones hid live entries: look further
-                    short.append(r)
-            pending = np.asarray(short, dtype=np.int64)
-            kk = min(kk * 4, total)
-        return out_s, out_i
+        return _search_live(self._index, _as_vectors(queries, self.dim), k, self._dead, self._live)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (live ids only), float32 [len(ids), dim]."""
+        keep, external = self._live_rows()
+        position = dict(zip(external.tolist(), keep.tolist()))
+        ids = _as_ids(ids)
+        out = np.empty((len(ids), self.dim), np.float32)
+        for row, i in enumerate(ids.tolist()):
+            out[row] = self._base.reconstruct(position[i])
+        return out
 
     def __len__(self) -> int:
         return max(self._live, 0)
