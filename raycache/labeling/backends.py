@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
@@ -33,6 +33,13 @@ import pandas as pd
 from raycache.answers import answer_set, normalize_answer  # noqa: F401  (normalize_answer re-exported)
 from raycache.chat_api import chat_completions_url
 from raycache.config import ConfigError, LabelConfig
+from raycache.labeling.base import (  # noqa: F401  (re-exported: the public names of the backends)
+    LABEL_COLUMNS,
+    Judgement,
+    Teacher,
+    TeacherError,
+    with_label_columns,
+)
 from raycache.labeling.prompt import (
     ANSWER_VARIANTS,
     ANSWERS,
@@ -51,53 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("label", "teacher", "error")
-# One teacher verdict: (P(yes) or None, error message or None); exactly one of the two is set.
-Judgement = tuple[Optional[float], Optional[str]]
-
-
-class TeacherError(RuntimeError):
-    """A teacher can't be set up or run at all (model not loadable, no GPUs, missing package)."""
-
 
 # --------------------------------------------------------------------------- base classes
-
-
-class Teacher(ABC):
-    """A labeling backend. The ``check_*`` class methods run on the driver before any pair is
-    labelled, so a misconfigured job fails at once; ``label_dataset`` adds the label columns."""
-
-    kind: ClassVar[str]
-
-    @classmethod
-    def check_config(cls, cfg: LabelConfig) -> None:
-        """Raise ConfigError when a flag this backend needs is missing."""
-
-    @classmethod
-    def require_model(cls, cfg: LabelConfig, what: str = "a model folder or hub id") -> None:
-        """ConfigError unless ``--teacher-model`` is set."""
-        if not cfg.teacher_model:
-            raise ConfigError(f"--teacher {cls.kind} needs --teacher-model ({what})")
-
-    @classmethod
-    def check_cluster(cls, cfg: LabelConfig) -> None:
-        """Raise TeacherError when the Ray cluster can't run this backend (e.g. no GPUs)."""
-
-    @classmethod
-    def check_columns(cls, columns: Sequence[str]) -> None:
-        """Raise ConfigError when the pairs lack a column this backend needs."""
-
-    @classmethod
-    def display_name(cls, cfg: LabelConfig) -> str:
-        """The ``teacher`` column value: backend and model."""
-        return f"{cls.kind}:{cfg.teacher_model}"
-
-    @classmethod
-    @abstractmethod
-    def label_dataset(cls, ds: "ray.data.Dataset", cfg: LabelConfig,
-                      columns: Sequence[str]) -> "ray.data.Dataset":
-        """``ds`` (pairs, with ``columns``) plus ``label``, ``teacher``, ``error``, which replace any
-        input columns of those names."""
 
 
 class BatchTeacher(Teacher):
@@ -201,18 +163,6 @@ class _TeacherActor:
 def _label_table(table: "pa.Table", teacher_cls: type[BatchTeacher], cfg: LabelConfig) -> "pa.Table":
     """Ray Data task: label one Arrow batch with a stateless teacher."""
     return teacher_cls(cfg).label_table(table)
-
-
-def with_label_columns(table: "pa.Table", labels: Sequence[float], teachers: Sequence[str],
-                       errors: Sequence[Optional[str]]) -> "pa.Table":
-    """``table`` without any old label columns, plus typed ``label``/``teacher``/``error``."""
-    import pyarrow as pa
-
-    table = table.drop_columns([c for c in LABEL_COLUMNS if c in table.column_names])
-    label = pa.array(np.asarray(labels, dtype=np.float64), type=pa.float64(), from_pandas=True)
-    table = table.append_column("label", label)
-    table = table.append_column("teacher", pa.array(list(teachers), type=pa.string()))
-    return table.append_column("error", pa.array(list(errors), type=pa.string()))
 
 
 # --------------------------------------------------------------------------- reference

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from raycache.config import LabelConfig
-from raycache.labeling.backends import (
+from raycache.labeling.base import (
     LABEL_COLUMNS,
     Judgement,
     Teacher,
