@@ -49,6 +49,13 @@ RECIPES: dict[str, dict] = {
                                contrastive_weight=1.0, negative_weight=3.0, hard_negatives=2),
     "bce_contrastive_hn_e3": dict(loss="bce", epochs=3, init_scale=0.05, init_bias=17.0,
                                   contrastive_weight=1.0, negative_weight=3.0, hard_negatives=2),
+    "bce_contrastive_e3": dict(loss="bce", epochs=3, init_scale=0.05, init_bias=17.0,
+                               contrastive_weight=1.0, negative_weight=3.0),
+    "bce_contrastive_hn4_e3": dict(loss="bce", epochs=3, init_scale=0.05, init_bias=17.0,
+                                   contrastive_weight=1.0, negative_weight=3.0, hard_negatives=4,
+                                   hard_negative_min_cos=0.7),
+    "bce_contrastive_lr3e-5_e3": dict(loss="bce", epochs=3, init_scale=0.05, init_bias=17.0, lr=3e-5,
+                                      contrastive_weight=1.0, negative_weight=3.0),
     "default": dict(),  # raycache train exactly as released
 }
 
@@ -59,12 +66,19 @@ def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path) -> dic
     from raycache.splits import assign_components, pair_components
 
     pairs = read_pairs(str(pairs_path))
-    stream = read_stream(str(stream_path))
+    stream = read_stream(str(stream_path)) if stream_path else None
     comps = pair_components(pairs["prompt_a"].tolist(), pairs["prompt_b"].tolist())
     part = assign_components(comps, [0.6, 0.2, 0.2], seed=seed)  # train, calibration, test
     part_of_prompt = {}
     for a, b, p in zip(pairs["prompt_a"], pairs["prompt_b"], part):
         part_of_prompt[a] = part_of_prompt[b] = int(p)
+    out.mkdir(parents=True, exist_ok=True)
+    if stream is None:  # pairs only (e.g. NQ-hard): AUC / AP, no operating points
+        files = {"train_pairs": out / "train_pairs.jsonl", "test_pairs": out / "test_pairs.jsonl"}
+        write_table(pairs[part == 0], str(files["train_pairs"]))
+        write_table(pairs[part == 2], str(files["test_pairs"]))
+        return {"files": {k: str(v) for k, v in files.items()},
+                "sizes": {"train_pairs": int((part == 0).sum()), "test_pairs": int((part == 2).sum())}}
     stream_part = stream["prompt"].map(part_of_prompt)
     if stream_part.isna().any():
         raise SystemExit(f"{stream_path}: {int(stream_part.isna().sum())} prompts not in {pairs_path}")
@@ -121,6 +135,9 @@ def evaluate_model(model: str | None, data: dict, max_length: int) -> dict:
     test_pairs = read_pairs(data["files"]["test_pairs"])
     sims = pair_similarities(enc, test_pairs["prompt_a"].tolist(), test_pairs["prompt_b"].tolist())
     pm = similarity_metrics(sims, test_pairs["label"].to_numpy())
+    if "calib_stream" not in data["files"]:
+        return {"auc": pm["auc"], "ap": pm["average_precision"], "tpr_at_fpr": pm["tpr_at_fpr"],
+                "operating_points": {}}
     calib = read_stream(data["files"]["calib_stream"])
     test = read_stream(data["files"]["test_stream"])
     ops = operating_points(sweep(calib, enc.encode(calib["prompt"].tolist())),
@@ -147,7 +164,8 @@ def train_recipe(name: str, data: dict, out: Path, max_pairs: int | None) -> tup
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=str(DATA / "pairs" / "qqp_dev.jsonl"))
-    ap.add_argument("--stream", default=str(DATA / "streams" / "stream_qqp_dev.jsonl"))
+    ap.add_argument("--stream", default=str(DATA / "streams" / "stream_qqp_dev.jsonl"),
+                    help="stream of the pairs' prompts, or 'none' (pairs only: AUC / AP)")
     ap.add_argument("--recipes", default="base,bce_v0,default")
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=64)
@@ -156,7 +174,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = Path(args.out).resolve()
-    data = split_data(Path(args.pairs), Path(args.stream), args.seed, out / "data")
+    data = split_data(Path(args.pairs), Path(args.stream) if args.stream != "none" else None, args.seed,
+                      out / "data")
     print(f"split (question-disjoint): {data['sizes']}", flush=True)
     results_path = out / "recipes.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -178,6 +197,10 @@ def main(argv=None) -> int:
 
 def print_row(name: str, r: dict) -> None:
     ops = r["operating_points"]
+    if not ops:
+        print(f"| {name} | {r['auc']:.3f} / {r['ap']:.3f} | {r.get('pairs_per_s', float('nan')):.1f} "
+              f"| {r['wall_s']:.0f} s | load {r['load_avg'][0]:.1f} |", flush=True)
+        return
     cells = " | ".join(f"{ops[f'{d:g}']['correct_hit_rate']:.3f} / {ops[f'{d:g}']['false_hit_rate']:.3f}"
                        f" (≤{ops[f'{d:g}']['upper_bound_correct_hit_rate']:.3f})" for d in DELTAS)
     print(f"| {name} | {r['auc']:.3f} / {r['ap']:.3f} | {cells} | {r.get('pairs_per_s', float('nan')):.1f} "

@@ -354,8 +354,9 @@ class PipelineConfig(_Base):
     generate: GenerateConfig = GenerateConfig()
     encoder: EncoderConfig = EncoderConfig()
     cache: CacheConfig = CacheConfig()
-    losses: list[Literal["bce", "sld"]] = Field(default_factory=lambda: ["bce", "sld"],
-                                                description="Fine-tune once per loss (the first is served).")
+    losses: list[Literal["bce", "sld"]] = Field(
+        default_factory=lambda: ["bce", "sld"],
+        description="Fine-tune once per loss; the model with the best validation AUC (or the base model) is served.")
     epochs: int = Field(1, ge=1)
     max_train_pairs: int = Field(1500, ge=10, description="Cap on mined pairs used for fine-tuning (per loss).")
     workers: int = Field(1, ge=1)
