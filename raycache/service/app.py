@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any, Optional
 
@@ -32,13 +31,12 @@ from raycache.cache.persist import PeriodicSnapshot, SnapshotError, quarantine
 from raycache.cache.policy import CalibratedThreshold
 from raycache.config import CacheConfig, ConfigError, EncoderConfig, ServeConfig
 from raycache.cache.scope import tail_key
+from raycache.io import free_port
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest, read_api_keys
+from raycache.service.serve_config import APP_NAME, deployment_options
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "raycache"
-ENGINE_NUM_CPUS = 0.25
-INGRESS_NUM_CPUS = 0.25
 LATENCY_BUCKETS_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
@@ -270,23 +268,6 @@ def api_settings(cfg: ServeConfig) -> ApiSettings:
                        chat_cache_tools=cfg.chat_cache_tools, chat_cache_n=cfg.chat_cache_n)
 
 
-def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
-    """Serve options per deployment name (also written into the ``serve deploy`` YAML)."""
-    return {
-        "Embedder": {
-            "autoscaling_config": {
-                "min_replicas": cfg.embedder_min_replicas,
-                "initial_replicas": max(1, cfg.embedder_min_replicas),
-                "max_replicas": max(cfg.embedder_max_replicas, cfg.embedder_min_replicas, 1),
-                "target_ongoing_requests": 4},
-            "max_ongoing_requests": max(32, cfg.serve_batch_size),
-            "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
-        },
-        "CacheEngine": {"num_replicas": 1, "ray_actor_options": {"num_cpus": ENGINE_NUM_CPUS}},
-        "Ingress": {"ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS}},
-    }
-
-
 def build_app(cfg: ServeConfig):
     """The bound Serve application (Embedder -> CacheEngine <- Ingress) for ``cfg``."""
     options = deployment_options(cfg)
@@ -305,13 +286,6 @@ def app_builder(args: dict[str, Any]):
     from raycache.config import build_config
 
     return build_app(build_config(ServeConfig, args))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def start(cfg: ServeConfig) -> str:

@@ -1,4 +1,6 @@
-"""The Serve config YAML that ``serve deploy`` accepts, generated from a :class:`ServeConfig`.
+"""The Serve application's name and per-deployment options, and the Serve config YAML that
+``serve deploy`` accepts, generated from a :class:`ServeConfig` (``raycache.service.app`` builds the
+application with the same options; this module does not import it).
 
 ``raycache serve --write-serve-config serve.yaml [flags]`` writes it; then
 ``serve deploy serve.yaml`` runs the same application on a cluster (``raycache.service.app:app_builder``
@@ -13,17 +15,36 @@ from pathlib import Path
 
 import yaml
 
-from raycache.cache.persist import local_file_path
 from raycache.config import ConfigError, ServeConfig
+from raycache.io import local_file_path
+
+APP_NAME = "raycache"
+ENGINE_NUM_CPUS = 0.25
+INGRESS_NUM_CPUS = 0.25
 
 # ServeConfig fields that configure this process, not the application
 _PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
 
 
+def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
+    """Serve options per deployment name (also written into the ``serve deploy`` YAML)."""
+    return {
+        "Embedder": {
+            "autoscaling_config": {
+                "min_replicas": cfg.embedder_min_replicas,
+                "initial_replicas": max(1, cfg.embedder_min_replicas),
+                "max_replicas": max(cfg.embedder_max_replicas, cfg.embedder_min_replicas, 1),
+                "target_ongoing_requests": 4},
+            "max_ongoing_requests": max(32, cfg.serve_batch_size),
+            "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
+        },
+        "CacheEngine": {"num_replicas": 1, "ray_actor_options": {"num_cpus": ENGINE_NUM_CPUS}},
+        "Ingress": {"ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS}},
+    }
+
+
 def serve_config(cfg: ServeConfig) -> dict:
     """The ``serve deploy`` document for ``cfg`` (a dict matching Serve's ServeDeploySchema)."""
-    from raycache.service.app import APP_NAME, deployment_options
-
     args = cfg.model_dump(mode="json", exclude=_PROCESS_FIELDS)
     return {
         "proxy_location": "HeadOnly",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 import httpx
+
+from raycache.chat_api import chat_completions_url
 
 MAX_ERROR_CHARS = 500  # of an upstream error body quoted back to the client
 
@@ -51,18 +52,6 @@ def completion_problem(data: Any) -> Optional[str]:
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer within the timeout."""
-
-
-def chat_completions_url(base_url: str) -> str:
-    """``<base>/chat/completions``; a base without a path gets the usual ``/v1``
-    (``http://host:8000`` and ``http://host:8000/v1`` both work)."""
-    base = base_url.rstrip("/")
-    parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"upstream must be an http(s) URL, got {base_url!r}")
-    if parts.path in ("", "/"):
-        base += "/v1"
-    return base + "/chat/completions"
 
 
 class UpstreamClient:
