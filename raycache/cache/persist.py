@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
+
+from raycache import io as _io
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +60,8 @@ class Snapshot:
 
 
 def local_file_path(path: str | os.PathLike, what: str = "snapshot path") -> Path:
-    """``path`` (a plain path or a ``file://`` URI) as a local Path. ValueError naming ``what`` for
-    an empty path, a NUL byte, another URI scheme or a file:// URI with a remote host."""
-    text = os.fsdecode(os.fspath(path))
-    if text.startswith("file://"):
-        parts = urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{what} {text!r}: a file:// URI must name a local file (file:///path)")
-        text = unquote(parts.path)
-    elif "://" in text:
-        raise ValueError(f"{what} {text!r}: only local paths and file:// URIs are supported")
-    if "\x00" in text:
-        raise ValueError(f"{what} {text!r} holds a NUL byte")
-    if not text:
-        raise ValueError(f"{what} is empty")
-    return Path(text)
+    """``path`` (a plain path or a ``file://`` URI) as a local Path (:func:`raycache.io.local_file_path`)."""
+    return _io.local_file_path(path, what)
 
 
 def write_snapshot(path: str | os.PathLike, snap: Snapshot) -> Path:
@@ -85,31 +72,9 @@ def write_snapshot(path: str | os.PathLike, snap: Snapshot) -> Path:
                 **{name: getattr(snap, name) for name in _TEXTS}}
     payload = np.frombuffer(json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass"),
                             dtype=np.uint8)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, document=payload, **{name: getattr(snap, name) for name in _ARRAYS})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _io.atomic_open(path, "wb", sync_dir=True) as f:
+        np.savez(f, document=payload, **{name: getattr(snap, name) for name in _ARRAYS})
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_snapshot(path: str | os.PathLike) -> Snapshot:
