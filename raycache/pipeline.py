@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from raycache import progress
+from raycache.io import free_port
 from raycache.config import (EvaluateConfig, LabelConfig, MineConfig, PipelineConfig, ServeConfig,
                              SimulateConfig, TrainConfig)
 
@@ -85,12 +85,6 @@ def sizes(cfg: PipelineConfig) -> dict:
         quick = cfg.quick and key not in cfg.model_fields_set
         out[key] = QUICK[key] if quick else getattr(cfg, key)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -258,7 +252,7 @@ def stage_live(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
     progress.set_total(len(stream))
     live_stream = lay.live / "stream_head.jsonl"
     write_table(stream, live_stream)
-    port = _free_port()
+    port = free_port()
     encoder = cfg.encoder.model_copy(update={"model": best_path})
     cache = cfg.cache.model_copy(update={"threshold": float(threshold), "policy": "static"})
     started = time.time()
