@@ -8,8 +8,10 @@
 Every public name is re-exported here (``from raycache.data import read_pairs, read_dataset``).
 """
 
-from raycache.data.ray_readers import read_dataset
-from raycache.data.tables import (
+from raycache.data import ray_readers as _ray_readers
+from raycache.data import tables as _tables
+from raycache.data.ray_readers import read_dataset  # noqa: F401  (re-export)
+from raycache.data.tables import (  # noqa: F401  (re-exports: __all__ below; MAX_SKIPPED_EXAMPLES as before)
     KINDS,
     MAX_SKIPPED_EXAMPLES,
     DataError,
@@ -26,20 +28,4 @@ from raycache.data.tables import (
     write_table,
 )
 
-__all__ = [
-    "DataError",
-    "KINDS",
-    "MAX_SKIPPED_EXAMPLES",
-    "Schema",
-    "normalize_text",
-    "pair_id",
-    "parse_columns",
-    "read_dataset",
-    "read_pairs",
-    "read_prompts",
-    "read_stream",
-    "read_table",
-    "stream_namespaces",
-    "validate_frame",
-    "write_table",
-]
+__all__ = [*_tables.__all__, *_ray_readers.__all__]

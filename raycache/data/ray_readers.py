@@ -24,9 +24,9 @@ from raycache.data.tables import (
     _Input,
     _is_missing,
     _jsonable,
+    _json_line_records,
     _list_inputs,
     _norm_fmt,
-    _parse_json_line,
     _records_to_frame,
     _schema,
     _show,
@@ -71,20 +71,12 @@ def _ray_batch(
     schema = _schema(kind)
     errors: list[str] = []
     if fmt == "jsonl":
-        records = []
-        for j, line in enumerate(batch["text"].tolist(), 1):
-            raw = (line if isinstance(line, bytes) else str(line).encode(
-                "utf-8", "surrogatepass")).strip()
-            if not raw:
-                continue
-            obj, msg = _parse_json_line(raw)
-            if msg is None:
-                records.append(obj)
-                continue
-            msg = f"{source}: batch line {j}: {msg} in {_show(raw.decode('utf-8', 'replace'))}"
-            if not skip_invalid:
-                raise DataError(msg)
-            errors.append(msg)
+        lines = ((j, line if isinstance(line, bytes) else str(line).encode("utf-8", "surrogatepass"))
+                 for j, line in enumerate(batch["text"].tolist(), 1))
+        records, _, bad = _json_line_records(
+            lines, skip_invalid,
+            lambda j, raw, msg: f"{source}: batch line {j}: {msg} in {_show(raw.decode('utf-8', 'replace'))}")
+        errors.extend(bad)
         df = _records_to_frame(records)
         if not records:
             df = pd.DataFrame({c: pd.Series([], dtype="str") for c in schema.required})

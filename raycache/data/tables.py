@@ -46,7 +46,7 @@ import os
 import types
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -742,23 +742,34 @@ def _lone_surrogate(obj: Any) -> bool:
 def _read_jsonl_bytes(data: bytes, name: str, skip_invalid: bool) -> _Raw:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
+    records, rows, errors = _json_line_records(enumerate(data.split(b"\n"), 1), skip_invalid,
+                                               lambda n, raw, msg: f"{name}: line {n}: {msg}")
+    return _Raw(_records_to_frame(records), rows, errors)
+
+
+def _json_line_records(lines: Iterable[tuple[int, bytes]], skip_invalid: bool,
+                       describe: Callable[[int, bytes, str], str],
+                       ) -> tuple[list[dict], list[int], list[str]]:
+    """(records, their line numbers, error messages) of numbered JSONL lines; blank lines are
+    skipped; a bad line raises DataError(``describe(number, line, problem)``) unless
+    ``skip_invalid``, which collects the message instead."""
     records: list[dict] = []
     rows: list[int] = []
     errors: list[str] = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for number, raw in lines:
         raw = raw.strip()
         if not raw:
             continue
         obj, msg = _parse_json_line(raw)
         if msg is None:
             records.append(obj)
-            rows.append(lineno)
+            rows.append(number)
             continue
-        msg = f"{name}: line {lineno}: {msg}"
+        msg = describe(number, raw, msg)
         if not skip_invalid:
             raise DataError(msg)
         errors.append(msg)
-    return _Raw(_records_to_frame(records), rows, errors)
+    return records, rows, errors
 
 
 def _decode_utf8(data: bytes, name: str) -> str:

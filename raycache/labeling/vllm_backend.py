@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from raycache.config import LabelConfig
-from raycache.labeling.base import (
-    LABEL_COLUMNS,
-    Judgement,
-    Teacher,
-    TeacherError,
-    with_label_columns,
-)
+from raycache.labeling.base import LABEL_COLUMNS, Judgement, Teacher, TeacherError, with_label_columns
 from raycache.labeling.prompt import (
     ANSWERS,
     CONTEXT_TOO_LONG,
