@@ -40,21 +40,13 @@ LOOSER_DELTAS = (0.05, 0.1, 0.15, 0.2, 0.3)  # tried when the calibrated policy 
 # ----------------------------------------------------------------------------- question split
 def question_components(pairs: pd.DataFrame) -> dict[str, int]:
     """question -> id of its connected component in the pair graph (any label)."""
-    parent: dict[str, str] = {}
+    from raycache.splits import UnionFind
 
-    def find(q: str) -> str:
-        parent.setdefault(q, q)
-        while parent[q] != q:
-            parent[q] = parent[parent[q]]
-            q = parent[q]
-        return q
-
+    sets = UnionFind()
     for a, b in zip(pairs["prompt_a"], pairs["prompt_b"]):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
-    roots: dict[str, int] = {}
-    return {q: roots.setdefault(find(q), len(roots)) for q in list(parent)}
+        sets.union(a, b)
+    roots: dict = {}
+    return {q: roots.setdefault(sets.find(q), len(roots)) for q in sets}
 
 
 def split_questions(pairs: pd.DataFrame, n_cal: int, n_test: int, seed: int = 0) -> dict[str, str]:

@@ -8,9 +8,33 @@ that split a stream by group.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Hashable, Iterator, Sequence
 
 import numpy as np
+
+
+class UnionFind:
+    """Disjoint sets of hashable items (path halving); an item joins on first use. Iterating gives the
+    items in the order they were first seen; ``union(a, b)`` hangs ``a``'s root under ``b``'s."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Hashable, Hashable] = {}
+
+    def find(self, x: Hashable) -> Hashable:
+        parent = self.parent
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: Hashable, b: Hashable) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(list(self.parent))
 
 
 def pair_components(prompts_a: Sequence[str], prompts_b: Sequence[str]) -> np.ndarray:
@@ -20,33 +44,13 @@ def pair_components(prompts_a: Sequence[str], prompts_b: Sequence[str]) -> np.nd
     """
     if len(prompts_a) != len(prompts_b):
         raise ValueError(f"got {len(prompts_a)} prompts_a but {len(prompts_b)} prompts_b")
-    node: dict[str, int] = {}
-    parent: list[int] = []
-
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    def node_id(text: str) -> int:
-        i = node.get(text)
-        if i is None:
-            i = node[text] = len(parent)
-            parent.append(i)
-        return i
-
+    sets = UnionFind()
     edges = []
     for a, b in zip(prompts_a, prompts_b):
-        ia, ib = node_id(str(a)), node_id(str(b))
-        edges.append(ia)
-        ra, rb = find(ia), find(ib)
-        if ra != rb:
-            parent[ra] = rb
-    dense: dict[int, int] = {}
-    return np.fromiter((dense.setdefault(find(i), len(dense)) for i in edges), dtype=np.int64,
+        edges.append(str(a))
+        sets.union(str(a), str(b))
+    dense: dict[Hashable, int] = {}
+    return np.fromiter((dense.setdefault(sets.find(a), len(dense)) for a in edges), dtype=np.int64,
                        count=len(edges))
 
 

@@ -35,6 +35,7 @@ def _group_keys(stream: pd.DataFrame) -> np.ndarray:
     """[n] object: the component each arrival belongs to for a split (its group; with answers only,
     the connected component of arrivals sharing an answer; rows with neither: their own prompt)."""
     from raycache.answers import answer_set
+    from raycache.splits import UnionFind
     from raycache.simulation.metrics import correctness_mode
 
     mode = correctness_mode(stream)
@@ -43,25 +44,15 @@ def _group_keys(stream: pd.DataFrame) -> np.ndarray:
         groups = stream["group"].to_numpy(dtype=object)
         return np.array([f"g:{g}" if pd.notna(g) else f"p:{p}" for g, p in zip(groups, prompts)],
                         dtype=object)
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    sets = UnionFind()
     keys = []
     answers = stream["answers"] if "answers" in stream.columns else [None] * len(stream)
     for prompt, ans in zip(prompts, answers):
         items = [f"a:{a}" for a in sorted(answer_set(ans))] or [f"p:{prompt}"]
         for other in items[1:]:
-            ra, rb = find(items[0]), find(other)
-            if ra != rb:
-                parent[ra] = rb
+            sets.union(items[0], other)
         keys.append(items[0])
-    return np.array([find(k) for k in keys], dtype=object)
+    return np.array([sets.find(k) for k in keys], dtype=object)
 
 
 def split_by_group(stream: pd.DataFrame, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
