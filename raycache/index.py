@@ -85,6 +85,35 @@ def _search_live(index, queries: np.ndarray, k: int, dead: set, live: int
     return out_s, out_i
 
 
+def _gather(external: np.ndarray, base, ids: np.ndarray, dim: int,
+            positions: "np.ndarray | None" = None) -> np.ndarray:
+    """Rows of ``base`` (a FAISS index storing raw vectors) for ``ids``; ``external[j]`` is the id
+    of row ``positions[j]`` (``positions`` None: row j). KeyError for an id it does not hold."""
+    if positions is None:
+        positions = np.arange(len(external))
+    if not len(ids):
+        return np.zeros((0, dim), np.float32)
+    if not len(external):
+        raise KeyError("some ids are not in the index")
+    sorter = np.argsort(external, kind="stable")
+    at = np.searchsorted(external, ids, sorter=sorter)
+    at = np.minimum(at, len(external) - 1)
+    found = sorter[at]
+    if not np.array_equal(external[found], ids):
+        raise KeyError("some ids are not in the index")
+    rows = positions[found]
+    out = np.empty((len(ids), dim), np.float32)
+    for start in range(0, len(rows), 4096):  # bounded temporary copies
+        chunk = rows[start:start + 4096]
+        lo, hi = int(chunk.min()), int(chunk.max()) + 1
+        if hi - lo <= 4 * len(chunk):
+            out[start:start + len(chunk)] = base.reconstruct_n(lo, hi - lo)[chunk - lo]
+        else:
+            for j, r in enumerate(chunk.tolist()):
+                out[start + j] = base.reconstruct(r)
+    return out
+
+
 class FlatIndex:
     """Exact inner-product search (faiss IndexFlatIP behind an id map).
 
@@ -129,11 +158,7 @@ class FlatIndex:
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (live ids only), float32 [len(ids), dim]."""
-        ids = _as_ids(ids)
-        out = np.empty((len(ids), self.dim), np.float32)
-        for row, i in enumerate(ids.tolist()):
-            out[row] = self._index.reconstruct(i)
-        return out
+        return _gather(faiss.vector_to_array(self._index.id_map), self._index.index, _as_ids(ids), self.dim)
 
     def __len__(self) -> int:
         return int(self._index.ntotal) - len(self._dead)
@@ -203,12 +228,7 @@ class HNSWIndex:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (live ids only), float32 [len(ids), dim]."""
         keep, external = self._live_rows()
-        position = dict(zip(external.tolist(), keep.tolist()))
-        ids = _as_ids(ids)
-        out = np.empty((len(ids), self.dim), np.float32)
-        for row, i in enumerate(ids.tolist()):
-            out[row] = self._base.reconstruct(position[i])
-        return out
+        return _gather(external, self._base, _as_ids(ids), self.dim, keep)
 
     def __len__(self) -> int:
         return max(self._live, 0)

@@ -15,7 +15,13 @@ Prompts longer than the encoder's window: the encoder reports the text it did no
 (``Scope.with_tail``), so a semantic hit is only ever served when everything beyond the window is
 identical; the embedded part alone never decides.
 
-Entry ids are fresh, monotonically increasing int64s (never reused, as HNSW removes by tombstone).
+Entry ids are fresh, monotonically increasing int64s (never reused, as the indexes remove by
+tombstone), unique across restarts and caches: a new cache starts its ids at a random 20-bit prefix
+times 2**32 (:func:`fresh_id_base`; every id stays below 2**53, exact in JSON), and a restored one
+continues its snapshot's sequence.
+
+Entries are held as columns (:class:`raycache.cache.store.EntryStore`: numpy arrays and two text
+lists, no object per entry) and each vector once, in its scope's index (snapshots read it back).
 Lookups split in two (``begin_lookup`` / ``complete_lookup``) so an async caller can compute the
 vectors elsewhere (the Serve embedder) without holding the cache lock; ``check_batch`` runs both
 halves with the local encoder.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -34,17 +41,24 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from raycache.cache.eviction import LRUEviction
+from raycache.cache.eviction import Eviction, LRUEviction
 from raycache.cache.persist import Snapshot, SnapshotError, read_snapshot, write_snapshot
 from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
 from raycache.cache.scope import Scope, make_scope, tail_key
-from raycache.cache.store import Entry, EntryStore, text_key
+from raycache.cache.store import EntryStore, EntryStoreProtocol, text_key
 from raycache.config import CacheConfig, ConfigError
 from raycache.index import VectorIndex, make_index
 
 logger = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 10_000  # lookups kept for the latency percentiles
+ID_PREFIX_BITS = 20  # random prefix of a new cache's entry ids (ids < 2**(20 + 32) + 2**32 < 2**53)
+
+
+def fresh_id_base() -> int:
+    """The first entry id of a new cache: a random prefix in the high bits, so caches started
+    independently (restarts without a snapshot, shards) do not hand out the same ids."""
+    return ((secrets.randbits(ID_PREFIX_BITS) + 1) << 32) + 1
 
 IndexFactory = Callable[[int], VectorIndex]
 Histories = Optional[Sequence[Optional[Sequence[Any]]]]
@@ -148,7 +162,7 @@ class SemanticCache:
     """
 
     def __init__(self, encoder: Any, dim: int, index: Union[str, IndexFactory] = "flat",
-                 store: Optional[EntryStore] = None, eviction: Optional[LRUEviction] = None,
+                 store: Optional[EntryStoreProtocol] = None, eviction: Optional[Eviction] = None,
                  policy: Optional[DecisionPolicy] = None, exact_tier: bool = True,
                  clock: Callable[[], float] = time.time, model_tag: Optional[str] = None,
                  exact_casefold: bool = False):
@@ -172,7 +186,7 @@ class SemanticCache:
         self.version = 0  # bumped on every change (the periodic snapshot saves when it moved)
         self._indexes: dict[Scope, VectorIndex] = {}
         self._roots: dict[Scope, int] = {}  # root scope -> how many of its (tail) scopes have an index
-        self._next_id = 1
+        self._next_id = fresh_id_base()
         self._lock = threading.RLock()
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "stores",
                                       "replaced", "evictions", "expirations"), 0)
@@ -231,12 +245,12 @@ class SemanticCache:
             now = self.clock()
             self._purge_expired(now)
             for i, (scope, key) in enumerate(zip(scopes, keys)):
-                entry = self.entries.find_exact(scope, key) if key is not None else None
-                if entry is not None:  # the same text: similarity 1, which the policy still decides
+                slot = self.entries.find_exact(scope, key) if key is not None else -1
+                if slot >= 0:  # the same text: similarity 1, which the policy still decides
                     if self.policy.is_hit(1.0):
-                        self._touch(entry, now)
-                        pending.results[i] = LookupResult(True, entry.response, 1.0, entry.prompt,
-                                                          entry.entry_id, exact=True)
+                        entry_id = self._touch(slot, now)
+                        pending.results[i] = LookupResult(True, self.entries.responses[slot], 1.0,
+                                                          self.entries.prompts[slot], entry_id, exact=True)
                     else:
                         pending.results[i] = LookupResult(False, None, 1.0, None, None)
                 elif scope not in self._roots:
@@ -285,17 +299,21 @@ class SemanticCache:
         return results
 
     def _decide(self, similarity: float, entry_id: int, now: float) -> LookupResult:
-        entry = self.entries.get(entry_id) if entry_id >= 0 else None
-        if entry is None or not math.isfinite(similarity):
+        slot = self.entries.slot(entry_id) if entry_id >= 0 else -1
+        if slot < 0 or not math.isfinite(similarity):
             return MISS
         if not self.policy.is_hit(similarity):
             return LookupResult(False, None, similarity, None, None)
-        self._touch(entry, now)
-        return LookupResult(True, entry.response, similarity, entry.prompt, entry.entry_id)
+        self._touch(slot, now)
+        return LookupResult(True, self.entries.responses[slot], similarity, self.entries.prompts[slot],
+                            entry_id)
 
-    def _touch(self, entry: Entry, now: float) -> None:
-        entry.last_access = now
-        self.eviction.touch(entry.entry_id)
+    def _touch(self, slot: int, now: float) -> int:
+        """Mark the entry in ``slot`` used now; returns its id."""
+        entry_id = int(self.entries.ids[slot])
+        self.entries.touch(slot, now)
+        self.eviction.touch(entry_id)
+        return entry_id
 
     def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(vectors [n, dim], tail keys) of ``texts`` with the local encoder: what ``store`` and
@@ -361,15 +379,15 @@ class SemanticCache:
             now = self.clock()
             expires_at = self.eviction.expires_at(now, ttl_s)
             self._purge_expired(now)
-            for prompt, response, scope, key, vec in zip(prompts, responses, scopes, keys, vecs):
+            for row, (prompt, response, scope, key) in enumerate(zip(prompts, responses, scopes, keys)):
                 previous = self.entries.find_exact(scope, key)
-                if previous is not None and self._drop(previous.entry_id):
+                if previous >= 0 and self._drop(int(self.entries.ids[previous])):
                     self._counts["replaced"] += 1
-                entry = Entry(self._next_id, prompt, response, scope, vec.copy(), now, now,
-                              expires_at, key)
+                entry_id = self._next_id
                 self._next_id += 1
-                self._insert(entry)
-                ids.append(entry.entry_id)
+                self._insert(entry_id, prompt, response, scope, key, now, expires_at)
+                self._index_for(scope).add(np.array([entry_id], np.int64), vecs[row:row + 1])
+                ids.append(entry_id)
                 for victim in self.eviction.pop_over_capacity():
                     if self._drop(victim):
                         self._counts["evictions"] += 1
@@ -377,30 +395,37 @@ class SemanticCache:
             self.version += 1
         return ids
 
-    def _insert(self, entry: Entry) -> None:
-        self.entries.add(entry)
-        index = self._indexes.get(entry.scope)
+    def _insert(self, entry_id: int, prompt: str, response: str, scope: Scope, key: bytes,
+                created_at: float, expires_at: Optional[float], last_access: Optional[float] = None) -> None:
+        """Add an entry to the store and the eviction order (its vector goes to the scope's index
+        separately: one copy, held by the index)."""
+        slot = self.entries.add(entry_id, prompt, response, scope, created_at, expires_at, key)
+        if last_access is not None:
+            self.entries.touch(slot, last_access)
+        self.eviction.admit(entry_id, expires_at)
+
+    def _index_for(self, scope: Scope) -> VectorIndex:
+        index = self._indexes.get(scope)
         if index is None:
-            index = self._indexes[entry.scope] = self._new_index(self.dim)
-            root = entry.scope.root
+            index = self._indexes[scope] = self._new_index(self.dim)
+            root = scope.root
             self._roots[root] = self._roots.get(root, 0) + 1
-        index.add(np.array([entry.entry_id], np.int64), entry.vector[None, :])
-        self.eviction.admit(entry.entry_id, entry.expires_at)
+        return index
 
     # ------------------------------------------------------------------ removal
     def _drop(self, entry_id: int) -> bool:
-        entry = self.entries.remove(entry_id)
-        if entry is None:
+        scope = self.entries.remove(entry_id)
+        if scope is None:
             return False
         self.eviction.forget(entry_id)
-        if not self.entries.scope_size(entry.scope):
-            del self._indexes[entry.scope]
-            root = entry.scope.root
+        if not self.entries.scope_size(scope):
+            del self._indexes[scope]
+            root = scope.root
             self._roots[root] -= 1
             if not self._roots[root]:
                 del self._roots[root]
         else:
-            self._indexes[entry.scope].remove(np.array([entry_id], np.int64))
+            self._indexes[scope].remove(np.array([entry_id], np.int64))
         self.version += 1
         return True
 
@@ -412,8 +437,7 @@ class SemanticCache:
     def clear(self, namespace: Optional[str] = None) -> int:
         """Remove every entry (or those of one namespace, any history); returns how many."""
         with self._lock:
-            doomed = [e.entry_id for e in self.entries
-                      if namespace is None or e.scope.namespace == namespace]
+            doomed = self.entries.ids_in_namespace(namespace)
             for entry_id in doomed:
                 self._drop(entry_id)
             return len(doomed)
@@ -454,18 +478,27 @@ class SemanticCache:
         """A consistent copy of every entry, least recently used first."""
         with self._lock:
             self._purge_expired(self.clock())
-            entries = [self.entries.get(i) for i in self.eviction.order()]
+            store = self.entries
+            order = self.eviction.order()
+            slots = np.fromiter((store.slot(i) for i in order), np.int64, len(order))
+            ids = store.ids[slots]
+            codes = store.scope_codes[slots]
+            vectors = np.empty((len(slots), self.dim), np.float32)
+            by_code = np.argsort(codes, kind="stable")  # rows grouped by scope: one read per index
+            bounds = np.flatnonzero(np.diff(codes[by_code])) + 1
+            for rows in np.split(by_code, bounds) if len(by_code) else ():
+                scope = store.scope_of(int(slots[rows[0]]))
+                vectors[rows] = self._indexes[scope].vectors(ids[rows])
+            scopes = [store.scope_of(int(slot)) for slot in slots]
             return Snapshot(
-                ids=np.array([e.entry_id for e in entries], np.int64),
-                vectors=(np.stack([e.vector for e in entries]) if entries
-                         else np.zeros((0, self.dim), np.float32)),
-                created_at=np.array([e.created_at for e in entries], np.float64),
-                last_access=np.array([e.last_access for e in entries], np.float64),
-                expires_at=np.array([np.nan if e.expires_at is None else e.expires_at
-                                     for e in entries], np.float64),
-                prompts=[e.prompt for e in entries], responses=[e.response for e in entries],
-                namespaces=[e.scope.namespace for e in entries],
-                history_hashes=[e.scope.history_hash for e in entries],
+                ids=ids.copy(), vectors=vectors,
+                created_at=store.created_at[slots].copy(),
+                last_access=store.last_access[slots].copy(),
+                expires_at=store.expires_at[slots].copy(),
+                prompts=[store.prompts[slot] for slot in slots.tolist()],
+                responses=[store.responses[slot] for slot in slots.tolist()],
+                namespaces=[scope.namespace for scope in scopes],
+                history_hashes=[scope.history_hash for scope in scopes],
                 meta={"dim": self.dim, "next_id": self._next_id, "model": self.model_tag,
                       "index": self.index_kind, "saved_at": self.clock()},
             )
@@ -491,17 +524,20 @@ class SemanticCache:
             self.eviction.clear()
             self._indexes.clear()
             self._roots.clear()
-            for i, entry_id in enumerate(snap.ids.tolist()):
-                scope = Scope(snap.namespaces[i], snap.history_hashes[i])
-                key = text_key(snap.prompts[i], self.exact_casefold)
-                previous = self.entries.find_exact(scope, key)
-                if previous is not None:  # a newer duplicate wins (lists are oldest first)
-                    self._drop(previous.entry_id)
+            scopes = [Scope(ns, h) for ns, h in zip(snap.namespaces, snap.history_hashes)]
+            keys = [text_key(prompt, self.exact_casefold) for prompt in snap.prompts]
+            newest = {}  # a newer duplicate wins (lists are oldest first)
+            for i, (scope, key) in enumerate(zip(scopes, keys)):
+                newest[(scope.root, key)] = i
+            rows_of: dict[Scope, list[int]] = {}
+            for i in sorted(newest.values()):
                 expires = float(snap.expires_at[i])
-                self._insert(Entry(entry_id, snap.prompts[i], snap.responses[i], scope,
-                                   vectors[i].copy(), float(snap.created_at[i]),
-                                   float(snap.last_access[i]), None if math.isnan(expires) else expires,
-                                   key))
+                self._insert(int(snap.ids[i]), snap.prompts[i], snap.responses[i], scopes[i], keys[i],
+                             float(snap.created_at[i]), None if math.isnan(expires) else expires,
+                             last_access=float(snap.last_access[i]))
+                rows_of.setdefault(scopes[i], []).append(i)
+            for scope, rows in rows_of.items():  # one batched add per scope index
+                self._index_for(scope).add(snap.ids[rows].astype(np.int64), vectors[rows])
             self._next_id = max(int(snap.meta.get("next_id", 1)), int(snap.ids.max(initial=0)) + 1)
             self._purge_expired(self.clock())
             for victim in self.eviction.pop_over_capacity():

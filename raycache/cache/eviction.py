@@ -9,7 +9,30 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Protocol
+
+
+class Eviction(Protocol):
+    """What the engine needs from an eviction policy: ids in, ids to drop out."""
+
+    capacity: Optional[int]
+    default_ttl_s: Optional[float]
+
+    def expires_at(self, now: float, ttl_s: Optional[float] = None) -> Optional[float]: ...
+
+    def admit(self, entry_id: int, expires_at: Optional[float] = None) -> None: ...
+
+    def touch(self, entry_id: int) -> None: ...
+
+    def forget(self, entry_id: int) -> None: ...
+
+    def pop_expired(self, now: float) -> list[int]: ...
+
+    def pop_over_capacity(self) -> list[int]: ...
+
+    def order(self) -> list[int]: ...
+
+    def clear(self) -> None: ...
 
 
 class LRUEviction:

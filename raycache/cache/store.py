@@ -1,10 +1,11 @@
-"""The entry store: cached entries by id, with per-scope membership and the exact-text tier."""
+"""The entry store: cached entries as columns (numpy arrays + text lists), with per-scope counts and
+the exact-text tier."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
@@ -27,80 +28,200 @@ def text_key(prompt: str, casefold: bool = False) -> bytes:
 
 @dataclass
 class Entry:
-    """One cached (prompt, response). Times are seconds on the cache's clock; ``vector`` is the
-    prompt's float32 [dim] embedding; ``expires_at`` None = never."""
+    """A read-only view of one cached (prompt, response), made on demand (the store keeps columns,
+    not these). Times are seconds on the cache's clock; ``expires_at`` None = never; ``vector``: the
+    prompt's embedding when the caller has it (the store keeps none: the index holds the vectors)."""
 
     entry_id: int
     prompt: str
     response: str
     scope: Scope
-    vector: np.ndarray
+    vector: Optional[np.ndarray]
     created_at: float
     last_access: float
     expires_at: Optional[float]
     key: bytes
 
 
-class EntryStore:
-    """Entries by id; for each scope its ids, and for each root scope (namespace + conversation,
-    without a long prompt's tail: ``Scope.root``) its exact-tier map (text key -> id).
+class EntryStoreProtocol(Protocol):
+    """What the engine needs from an entry store: columns indexed by slot (the store's row of an
+    entry; -1 = none) and the changes and reads below."""
 
-    A root scope holds at most one entry per text key (the same text has the same tail): adding a
-    second one replaces the mapping, and the caller (the engine) removes the older entry first.
+    ids: np.ndarray  # int64 [slots], -1 on free slots
+    created_at: np.ndarray  # float64 [slots]
+    last_access: np.ndarray  # float64 [slots]
+    expires_at: np.ndarray  # float64 [slots], NaN = never
+    scope_codes: np.ndarray  # int64 [slots]
+    prompts: list
+    responses: list
+
+    def add(self, entry_id: int, prompt: str, response: str, scope: Scope, created_at: float,
+            expires_at: Optional[float], key: bytes) -> int: ...
+
+    def remove(self, entry_id: int) -> Optional[Scope]: ...
+
+    def touch(self, slot: int, now: float) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def slot(self, entry_id: int) -> int: ...
+
+    def find_exact(self, scope: Scope, key: bytes) -> int: ...
+
+    def scope_of(self, slot: int) -> Scope: ...
+
+    def scope_size(self, scope: Scope) -> int: ...
+
+    def ids_in_namespace(self, namespace: Optional[str]) -> list[int]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _exact_key(root: Scope, key: bytes) -> bytes:
+    """One 128-bit key for (root scope, text key): the exact tier's map needs no tuple per entry."""
+    h = hashlib.blake2b(key, digest_size=16)
+    h.update(root.namespace.encode("utf-8", "surrogatepass"))
+    h.update(b"\x00")
+    h.update(root.history_hash.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+class EntryStore:
+    """Entries as columns: numpy arrays of ids, times and scope codes, and two lists of texts, one row
+    (slot) per entry; free slots are reused. No Python object per entry besides its two texts and
+    one dictionary slot each for id -> slot and for the exact tier (root scope + text key -> slot).
+
+    A root scope (namespace + conversation, without a long prompt's tail: ``Scope.root``) holds at
+    most one entry per text key: adding a second one replaces the mapping, and the caller (the
+    engine) removes the older entry first.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[int, Entry] = {}
-        self._scope_ids: dict[Scope, set[int]] = {}
-        self._exact: dict[Scope, dict[bytes, int]] = {}
+    def __init__(self, initial_slots: int = 1024) -> None:
+        self._grow_to(max(16, int(initial_slots)), fresh=True)
 
-    def add(self, entry: Entry) -> None:
-        if entry.entry_id in self._entries:
-            raise ValueError(f"entry id {entry.entry_id} is already stored")
-        self._entries[entry.entry_id] = entry
-        self._scope_ids.setdefault(entry.scope, set()).add(entry.entry_id)
-        self._exact.setdefault(entry.scope.root, {})[entry.key] = entry.entry_id
+    def _grow_to(self, n: int, fresh: bool = False) -> None:
+        def grown(old: Optional[np.ndarray], dtype, fill) -> np.ndarray:
+            out = np.zeros(n, dtype) if fill is None else np.full(n, fill, dtype)
+            if old is not None:
+                out[:len(old)] = old
+            return out
 
-    def get(self, entry_id: int) -> Optional[Entry]:
-        return self._entries.get(int(entry_id))
+        get = (lambda name: None) if fresh else (lambda name: getattr(self, name))
+        self.ids = grown(get("ids"), np.int64, -1)
+        self.created_at = grown(get("created_at"), np.float64, np.nan)
+        self.last_access = grown(get("last_access"), np.float64, np.nan)
+        self.expires_at = grown(get("expires_at"), np.float64, np.nan)
+        self.scope_codes = grown(get("scope_codes"), np.int64, -1)
+        self.exact_keys = grown(get("exact_keys"), "V16", None)  # raw 16 bytes (S16 would drop NULs)
+        if fresh:
+            self.prompts: list[Optional[str]] = [None] * n
+            self.responses: list[Optional[str]] = [None] * n
+            self._free: list[int] = list(range(n - 1, -1, -1))
+            self._slot: dict[int, int] = {}
+            self._exact: dict[bytes, int] = {}
+            self._scope_code: dict[Scope, int] = {}
+            self._scopes: dict[int, Scope] = {}
+            self._scope_count: dict[int, int] = {}
+            self._next_code = 0
+        else:
+            old = len(self.prompts)
+            self.prompts.extend([None] * (n - old))
+            self.responses.extend([None] * (n - old))
+            self._free.extend(range(n - 1, old - 1, -1))
 
-    def remove(self, entry_id: int) -> Optional[Entry]:
-        """Remove and return the entry (None if absent); drops empty scopes."""
-        entry = self._entries.pop(int(entry_id), None)
-        if entry is None:
+    # ------------------------------------------------------------------ changes
+    def add(self, entry_id: int, prompt: str, response: str, scope: Scope, created_at: float,
+            expires_at: Optional[float], key: bytes) -> int:
+        """Store one entry; returns its slot."""
+        entry_id = int(entry_id)
+        if entry_id in self._slot:
+            raise ValueError(f"entry id {entry_id} is already stored")
+        if not self._free:
+            self._grow_to(2 * len(self.prompts))
+        slot = self._free.pop()
+        code = self._scope_code.get(scope)
+        if code is None:
+            code = self._scope_code[scope] = self._next_code
+            self._scopes[code] = scope
+            self._scope_count[code] = 0
+            self._next_code += 1
+        self._scope_count[code] += 1
+        exact = _exact_key(scope.root, key)
+        self.ids[slot], self.scope_codes[slot], self.exact_keys[slot] = entry_id, code, np.void(exact)
+        self.created_at[slot] = self.last_access[slot] = created_at
+        self.expires_at[slot] = np.nan if expires_at is None else expires_at
+        self.prompts[slot], self.responses[slot] = prompt, response
+        self._slot[entry_id] = slot
+        self._exact[exact] = slot
+        return slot
+
+    def remove(self, entry_id: int) -> Optional[Scope]:
+        """Remove the entry; returns its scope (None if absent). Drops scopes left empty."""
+        slot = self._slot.pop(int(entry_id), None)
+        if slot is None:
             return None
-        ids = self._scope_ids[entry.scope]
-        ids.discard(entry.entry_id)
-        exact = self._exact[entry.scope.root]
-        if exact.get(entry.key) == entry.entry_id:
-            del exact[entry.key]
-        if not exact:
-            del self._exact[entry.scope.root]
-        if not ids:
-            del self._scope_ids[entry.scope]
-        return entry
+        code = int(self.scope_codes[slot])
+        scope = self._scopes[code]
+        exact = self.exact_keys[slot].tobytes()
+        if self._exact.get(exact) == slot:
+            del self._exact[exact]
+        self._scope_count[code] -= 1
+        if not self._scope_count[code]:
+            del self._scope_count[code], self._scopes[code], self._scope_code[scope]
+        self.ids[slot], self.scope_codes[slot] = -1, -1
+        self.prompts[slot] = self.responses[slot] = None
+        self._free.append(slot)
+        return scope
 
-    def find_exact(self, scope: Scope, key: bytes) -> Optional[Entry]:
-        """The entry of ``scope``'s root scope whose text key is ``key`` (None if none)."""
-        entry_id = self._exact.get(scope.root, {}).get(key)
-        return None if entry_id is None else self._entries[entry_id]
-
-    def scope_size(self, scope: Scope) -> int:
-        return len(self._scope_ids.get(scope, ()))
-
-    def scopes(self) -> list[Scope]:
-        return list(self._scope_ids)
+    def touch(self, slot: int, now: float) -> None:
+        self.last_access[slot] = now
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._scope_ids.clear()
-        self._exact.clear()
+        self._grow_to(16, fresh=True)
+
+    # ------------------------------------------------------------------ reads
+    def slot(self, entry_id: int) -> int:
+        """The slot of ``entry_id``, -1 if absent."""
+        return self._slot.get(int(entry_id), -1)
+
+    def find_exact(self, scope: Scope, key: bytes) -> int:
+        """The slot of the entry of ``scope``'s root scope whose text key is ``key`` (-1 if none)."""
+        return self._exact.get(_exact_key(scope.root, key), -1)
+
+    def scope_of(self, slot: int) -> Scope:
+        return self._scopes[int(self.scope_codes[slot])]
+
+    def scope_size(self, scope: Scope) -> int:
+        code = self._scope_code.get(scope)
+        return 0 if code is None else self._scope_count[code]
+
+    def ids_in_namespace(self, namespace: Optional[str]) -> list[int]:
+        """Ids of every entry (``namespace`` None) or of those of one namespace, any history."""
+        if namespace is None:
+            return list(self._slot)
+        codes = [c for c, scope in self._scopes.items() if scope.namespace == namespace]
+        if not codes:
+            return []
+        return self.ids[np.isin(self.scope_codes, codes)].tolist()
+
+    def get(self, entry_id: int) -> Optional[Entry]:
+        slot = self.slot(entry_id)
+        return None if slot < 0 else self.view(slot)
+
+    def view(self, slot: int) -> Entry:
+        expires = float(self.expires_at[slot])
+        return Entry(int(self.ids[slot]), self.prompts[slot], self.responses[slot], self.scope_of(slot),
+                     None, float(self.created_at[slot]), float(self.last_access[slot]),
+                     None if np.isnan(expires) else expires, self.exact_keys[slot].tobytes())
+
+    def scopes(self) -> list[Scope]:
+        return list(self._scope_code)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slot)
 
     def __contains__(self, entry_id: object) -> bool:
-        return entry_id in self._entries
+        return isinstance(entry_id, (int, np.integer)) and int(entry_id) in self._slot
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter(list(self._entries.values()))
+        return iter([self.view(slot) for slot in list(self._slot.values())])
