@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from raycache.config import ConfigError, ServeConfig
-from raycache.io import local_file_path
+from raycache.io import local_file_path, write_text_atomic
 
 APP_NAME = "raycache"
 ENGINE_NUM_CPUS = 0.25
@@ -70,8 +70,7 @@ def write_serve_config(cfg: ServeConfig, path: str | os.PathLike) -> Path:
     header = ("# raycache Serve config: `serve deploy` this file on a running Ray cluster.\n"
               "# The API key is read from the cluster's environment variable named in args.api_key_env.\n")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.safe_dump(serve_config(cfg), sort_keys=False))
+        write_text_atomic(path, header + yaml.safe_dump(serve_config(cfg), sort_keys=False))
     except OSError as exc:
         raise ConfigError(f"cannot write the serve config to {path}: {exc.strerror or exc}") from None
     return path
