@@ -184,7 +184,8 @@ class EngineContender:
 
 
 class HttpContender:
-    """raycache's HTTP service: ``batch`` == 1 sends {"prompt"}, else {"prompts": [...]}."""
+    """raycache's HTTP service: ``batch`` == 1 sends {"prompt"}, else {"prompts": [...]} and
+    stores a batch's misses with one batch store ({"prompts", "responses"})."""
 
     def __init__(self, client, batch: int, namespace: str):
         self.client, self.batch, self.namespace = client, batch, namespace
@@ -210,8 +211,13 @@ class HttpContender:
                 results = self._post("/v1/cache/lookup", {"prompts": [p for p, _ in part],
                                                           "namespace": self.namespace})["results"]
             looked = time.perf_counter()
-            for (prompt, response), res in zip(part, results):
-                if not res["hit"]:
+            misses = [(prompt, response) for (prompt, response), res in zip(part, results) if not res["hit"]]
+            if self.batch > 1 and misses:  # the batch form of /v1/cache/store: one request
+                self._post("/v1/cache/store", {"prompts": [p for p, _ in misses],
+                                               "responses": [r for _, r in misses],
+                                               "namespace": self.namespace})
+            else:
+                for prompt, response in misses:
                     self._post("/v1/cache/store", {"prompt": prompt, "response": response,
                                                    "namespace": self.namespace})
             self.tally.lookup_s.append(looked - start)
