@@ -33,8 +33,6 @@ class VectorIndex(Protocol):
 
     def __len__(self) -> int: ...
 
-    def reset(self) -> None: ...
-
 
 def _as_vectors(x: np.ndarray, dim: int) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -127,7 +125,8 @@ class FlatIndex:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.reset()
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._dead: set[int] = set()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vecs, ids = _as_vectors(vectors, self.dim), _as_ids(ids)
@@ -163,10 +162,6 @@ class FlatIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal) - len(self._dead)
 
-    def reset(self) -> None:
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._dead: set[int] = set()
-
 
 class HNSWIndex:
     """Approximate search with an HNSW graph; removal by tombstones (compacted on demand).
@@ -176,9 +171,9 @@ class HNSWIndex:
 
     def __init__(self, dim: int, m: int = 32, ef_construction: int = 80, ef_search: int = 64):
         self.dim, self.m, self.ef_construction, self.ef_search = dim, m, ef_construction, ef_search
-        self.reset()
+        self._reset()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         base = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
         base.hnsw.efConstruction = self.ef_construction
         base.hnsw.efSearch = self.ef_search
@@ -218,7 +213,7 @@ class HNSWIndex:
         keep, ids = self._live_rows()
         vectors = (np.stack([self._base.reconstruct(int(i)) for i in keep]) if len(keep)
                    else np.zeros((0, self.dim), np.float32))
-        self.reset()
+        self._reset()
         if len(ids):
             self.add(ids, vectors)
 

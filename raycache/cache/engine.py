@@ -48,6 +48,7 @@ from raycache.cache.scope import Scope, make_scope, tail_key
 from raycache.cache.store import EntryStore, EntryStoreProtocol, text_key
 from raycache.config import CacheConfig, ConfigError
 from raycache.index import VectorIndex, make_index
+from raycache.numeric import percentiles, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,7 @@ def _unit_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
         x = x[None, :]
     if x.shape != (n, dim):
         raise ValueError(f"expected vectors of shape ({n}, {dim}), got {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ValueError("vectors must be finite and non-zero")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    return unit_rows(x)
 
 
 def _tails_of(result: Any, n: int) -> tuple[Any, list[str]]:
@@ -148,9 +146,7 @@ def _tails_of(result: Any, n: int) -> tuple[Any, list[str]]:
 def _percentiles(samples: Sequence[float]) -> dict:
     if not samples:
         return {"p50": None, "p95": None, "p99": None, "count": 0}
-    p50, p95, p99 = np.percentile(np.asarray(samples), [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "count": len(samples)}
+    return {**{k: round(v, 3) for k, v in percentiles(samples).items()}, "count": len(samples)}
 
 
 class SemanticCache:
@@ -500,7 +496,7 @@ class SemanticCache:
                 namespaces=[scope.namespace for scope in scopes],
                 history_hashes=[scope.history_hash for scope in scopes],
                 meta={"dim": self.dim, "next_id": self._next_id, "model": self.model_tag,
-                      "index": self.index_kind, "saved_at": self.clock()},
+                      "saved_at": self.clock()},
             )
 
     def restore_snapshot(self, snap: Snapshot) -> int:

@@ -214,9 +214,6 @@ class EntryStore:
                      None, float(self.created_at[slot]), float(self.last_access[slot]),
                      None if np.isnan(expires) else expires, self.exact_keys[slot].tobytes())
 
-    def scopes(self) -> list[Scope]:
-        return list(self._scope_code)
-
     def __len__(self) -> int:
         return len(self._slot)
 
