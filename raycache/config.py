@@ -110,10 +110,10 @@ class TrainConfig(_Base):
     read: ReadConfig = ReadConfig()
     loss: Literal["bce", "sld"] = "bce"
     negative_weight: float = Field(
-        1.0, gt=0, description="Weight of a negative pair's loss term relative to a positive's "
+        3.0, gt=0, description="Weight of a negative pair's loss term relative to a positive's "
         "(a false hit costs more than a miss).")
     contrastive_weight: float = Field(
-        0.0, ge=0, description="Weight of the in-batch contrastive term (each positive pair against "
+        1.0, ge=0, description="Weight of the in-batch contrastive term (each positive pair against "
         "the batch's other prompts); 0 = off.")
     contrastive_scale: float = Field(20.0, gt=0, description="Scale 1/τ of the contrastive term's cosines.")
     hard_negatives: int = Field(
@@ -121,7 +121,7 @@ class TrainConfig(_Base):
         "components of the pair graph as negative pairs (the decision region); 0 = off.")
     hard_negative_min_cos: float = Field(
         0.8, ge=-1, le=1, description="Only neighbours at least this similar become hard negatives.")
-    epochs: int = Field(1, ge=1, description="At most this many passes over the training pairs.")
+    epochs: int = Field(3, ge=1, description="At most this many passes over the training pairs.")
     early_stopping_patience: int = Field(
         1, ge=0, description="Stop after this many epochs without a better select_metric; 0 = never.")
     select_metric: Literal["hit_at_fh", "tpr_at_fpr", "auc"] = Field(
@@ -142,8 +142,10 @@ class TrainConfig(_Base):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    init_scale: float = Field(0.1, gt=0, description="Initial λ of sigmoid(cos/λ − c).")
-    init_bias: float = Field(7.0, description="Initial c of sigmoid(cos/λ − c).")
+    init_scale: float = Field(0.05, gt=0, description=(
+        "Initial λ of sigmoid(cos/λ − c); with init_bias, the boundary starts at cos = λ·c = 0.85, "
+        "where a per-request false-hit budget of a few percent puts the threshold."))
+    init_bias: float = Field(17.0, description="Initial c of sigmoid(cos/λ − c).")
     sld_eps: float = Field(0.01, gt=0, lt=0.5, description="SLD clips targets to [ε, 1−ε].")
     workers: int = Field(1, ge=1)
     gpu: bool = False

@@ -117,8 +117,9 @@ def test_head_scale_stays_positive_under_steps_that_push_it_down():
 def test_head_defaults_come_from_the_train_config():
     cfg = TrainConfig(pairs="p", out="o")
     head = SimilarityHead(cfg.init_scale, cfg.init_bias)
-    # the initial decision boundary P = 0.5 sits at cos = λ·c, inside MiniLM's usual 0.2..0.9
-    assert 0.2 < cfg.init_scale * cfg.init_bias < 0.9
+    # the initial decision boundary P = 0.5 sits at cos = λ·c, in the high-similarity region where a
+    # per-request false-hit budget of a few percent puts the threshold (not at MiniLM's topic level)
+    assert 0.8 <= cfg.init_scale * cfg.init_bias < 0.95
     assert head.as_dict() == pytest.approx({"scale": cfg.init_scale, "bias": cfg.init_bias})
 
 
