@@ -115,6 +115,10 @@ def test_cache_aside_lookup_then_store_embeds_once_single_and_batched():
     assert stored.status_code == 200, stored.text
     assert embed.calls == [batch]  # one call for the lookup, none for the store
     assert [api.post("/v1/cache/lookup", json={"prompt": p}).json()["response"] for p in batch] == ["1", "2", "3"]
+    timings = api.get("/v1/cache/stats").json()["request_path_ms"]
+    assert set(timings) == {"embed_call", "lookup_call", "store_call"}
+    assert timings["embed_call"]["count"] == 3 and timings["store_call"]["count"] == 3  # seed, single, batch
+    assert timings["lookup_call"]["count"] == 5 and timings["lookup_call"]["p50"] >= 0
 
 
 def test_the_engine_replica_embeds_a_looked_up_prompt_once():

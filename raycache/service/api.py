@@ -27,6 +27,7 @@ import os
 import re
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, Awaitable, Callable, Optional, Protocol, Union
 
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from raycache.cache.engine import LATENCY_WINDOW, _percentiles
 from raycache.cache.scope import MAX_NAMESPACE_CHARS, chat_key, history_hash
 from raycache.config import CHAT_KEY_FIELDS, CHAT_UNKEYED_FIELDS
 from raycache.service.coalesce import VECTOR_MEMO_SIZE, SingleFlight, VectorMemo
@@ -244,6 +246,11 @@ class EngineBackend:
     embedder together, and every cache call runs in a worker thread (``asyncio.to_thread``), never
     on the event loop: a search, an eviction or a snapshot holding the lock blocks no other request.
 
+    ``stats()`` adds ``request_path_ms``: percentiles of this replica's embed calls (the hop to
+    the embedder and its batching wait included), cache lookup calls (both halves, worker-thread
+    hops included) and cache store calls, so a lookup's time can be split into embedding, cache
+    work and, by difference with the client's latency, the HTTP and Serve hops.
+
     One embedding per prompt: the vectors of recently embedded prompts are kept
     (:class:`raycache.service.coalesce.VectorMemo`, ``memo_size`` texts), so the store after a
     missed lookup of the same text (the chat proxy's miss, a cache-aside client) reuses the
@@ -255,6 +262,11 @@ class EngineBackend:
         self.cache = cache
         self._embed = embed or self._embed_locally
         self.memo = VectorMemo(memo_size)
+        # where a request's milliseconds go on this replica (the last LATENCY_WINDOW calls each)
+        self._timings = {name: deque(maxlen=LATENCY_WINDOW) for name in ("embed", "lookup", "store")}
+
+    def _timed(self, name: str, started: float) -> None:
+        self._timings[name].append((time.perf_counter() - started) * 1000.0)
 
     async def _embed_locally(self, texts: list[str]) -> Embedded:
         if self.cache.encoder is None:
@@ -275,7 +287,9 @@ class EngineBackend:
                 rows[i], tails[i] = known
         if missing:
             new_texts = [texts[i] for i in missing]
+            started = time.perf_counter()
             embedded = await self._embed(new_texts)
+            self._timed("embed", started)
             vecs, new_tails = embedded if isinstance(embedded, tuple) else (embedded, None)
             vecs = np.asarray(vecs, dtype=np.float32)
             if vecs.ndim != 2 or len(vecs) != len(missing):
@@ -294,9 +308,13 @@ class EngineBackend:
 
     async def lookup(self, prompts: list[str], namespace: str = "default",
                      histories: Optional[list] = None) -> list[dict]:
+        started = time.perf_counter()
         pending = await asyncio.to_thread(self.cache.begin_lookup, prompts, namespace, histories)
+        cache_s = time.perf_counter() - started
         vectors, tails = await self.vectors(pending.texts) if pending.need else (None, [])
+        started = time.perf_counter()
         results = await asyncio.to_thread(self.cache.complete_lookup, pending, vectors, tails)
+        self._timings["lookup"].append((cache_s + time.perf_counter() - started) * 1000.0)
         return [r.to_dict() for r in results]
 
     async def store(self, prompt: str, response: str, namespace: str = "default",
@@ -309,12 +327,17 @@ class EngineBackend:
         embedding call for the prompts the memo does not hold; atomic (all stored or none)."""
         vectors, tails = await self.vectors(list(prompts))
         histories = None if history is None else [history] * len(prompts)
-        return await asyncio.to_thread(self.cache.store_batch, prompts, responses, namespace, histories,
-                                       ttl_s, vectors, tails)
+        started = time.perf_counter()
+        entry_ids = await asyncio.to_thread(self.cache.store_batch, prompts, responses, namespace,
+                                            histories, ttl_s, vectors, tails)
+        self._timed("store", started)
+        return entry_ids
 
     async def stats(self) -> dict:
         stats = await asyncio.to_thread(self.cache.stats)
-        return {**stats, "vectors_reused": self.memo.reused}
+        return {**stats, "vectors_reused": self.memo.reused,
+                "request_path_ms": {f"{name}_call": _percentiles(samples)
+                                    for name, samples in self._timings.items()}}
 
     async def clear(self, namespace: Optional[str] = None) -> int:
         return await asyncio.to_thread(self.cache.clear, namespace)
