@@ -16,6 +16,8 @@ Only the standard library is imported at module level; pyarrow is imported when 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import socket
 import tempfile
@@ -28,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs as pafs
 
 __all__ = ["atomic_open", "atomic_path", "filesystem", "free_port", "fs_write_atomic", "fsync_dir",
-           "is_remote", "local_file_path", "write_text_atomic"]
+           "is_remote", "local_file_path", "strict_json", "write_json_atomic", "write_text_atomic"]
 
 FILE_SCHEME = "file://"
 
@@ -158,6 +160,26 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, keep_mode: bool = T
     with atomic_open(path, "w", keep_mode=keep_mode, encoding=encoding) as f:
         f.write(text)
     return Path(path)
+
+
+def strict_json(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON has neither), recursively; numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as strict JSON (:func:`strict_json`, indented) atomically, so readers never see a
+    half-written file."""
+    with atomic_open(path, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, default=str, allow_nan=False)
 
 
 def fs_write_atomic(fs: "pafs.FileSystem", final: str, write: Callable[[Any], None]) -> str:

@@ -582,7 +582,7 @@ def policy_from_config(cfg: CacheConfig, encoder: Any = None) -> DecisionPolicy:
     embedded with ``encoder`` (target δ = ``cfg.target_false_hit``); with ``cfg.policy_file``, the
     threshold of that file (``raycache calibrate``), checked against ``encoder.source`` when known."""
     if cfg.policy_file:
-        from raycache.calibration import PolicyFile, load_policy
+        from raycache.policy_file import PolicyFile, load_policy
 
         source = getattr(encoder, "source", None)
         policy_file = (load_policy(cfg.policy_file, source) if source is not None

@@ -17,14 +17,12 @@ on a calibration stream disjoint by group; :func:`operating_point`).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 
 from raycache.config import SimulateConfig
-from raycache.io import atomic_open
+from raycache.io import strict_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +60,6 @@ def read_stream_frame(cfg: SimulateConfig):
                        skip_invalid=cfg.read.skip_invalid)
 
 
-def _strict_json(value):
-    """NaN/inf -> None (strict JSON has neither), recursively; numpy scalars -> Python numbers."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    """Write strict JSON atomically (:func:`raycache.io.atomic_open`), so readers never see a
-    half-written file."""
-    with atomic_open(path, "w") as f:
-        json.dump(_strict_json(obj), f, indent=2, default=str, allow_nan=False)
-
-
 def summarize(report: dict) -> dict:
     """The report without its bulky parts (each model's sweep, the cache config)."""
     out = {k: v for k, v in report.items() if k not in ("models", "cache")}
@@ -113,4 +91,4 @@ def run(cfg: SimulateConfig) -> dict:
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(report, out / "simulation.json")
     logger.info("simulation written to %s", out / "simulation.json")
-    return _strict_json({**summarize(report), "report": str(out / "simulation.json")})
+    return strict_json({**summarize(report), "report": str(out / "simulation.json")})
