@@ -91,7 +91,7 @@ def build_markdown(lay, stages: dict, cfg, total_s: float) -> tuple[str, list[Pa
                       "semantic correct-hit rate", "exact-repeat hit rate", "best on test (bound)"],
                      _operating_rows(operating)))
     parts.append("## Stages\n\n" + _table(["stage", "seconds", "detail"],
-                                            [[k, v["seconds"], _stage_detail(k, v.get("result"))]
+                                            [[k, _fmt(v["seconds"], 1), _stage_detail(k, v.get("result"))]
                                              for k, v in stages.items()]))
     gen = stages.get("generate", {}).get("result", {})
     mine = stages.get("mine", {}).get("result", {})
@@ -116,7 +116,7 @@ def build_markdown(lay, stages: dict, cfg, total_s: float) -> tuple[str, list[Pa
             last = epochs[-1] if epochs else {}
             base = tm.get("base") or {}
             rows.append([loss, tm.get("n_train_pairs"), base.get("auc"), tm.get("best_val_auc"),
-                         last.get("pairs_per_s"), tm.get("wall_s")])
+                         _fmt(last.get("pairs_per_s"), 1), _fmt(tm.get("wall_s"), 0)])
             if (lay.train_dir(loss) / "training.png").exists():
                 plots.append(lay.train_dir(loss) / "training.png")
     if rows:
