@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from raycache.cache import SemanticCache, StaticThreshold
@@ -21,28 +19,12 @@ from raycache.cache.online_policy import OnlinePolicy, OnlineSettings
 from raycache.config import ServeConfig
 from raycache.data import read_pairs
 from raycache.service.api import ApiSettings, EngineBackend, create_app
-from raycache.service.app import free_port
 from raycache.service.verify import (Judge, PairSink, VerifyingBackend, engine_cache_config,
                                      online_settings)
+from tests.http_server import serving
 from tests.test_simulation import clustered_stream
 
 
-@contextmanager
-def serving(app):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def upstream_app(calls: list) -> FastAPI:

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import schemathesis
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
@@ -34,8 +29,9 @@ from raycache.cli import config_from_args
 from raycache.config import CacheConfig, ConfigError, ServeConfig
 from raycache.service.api import (ApiSettings, EngineBackend, StreamAssembler, create_app, key_digest,
                                   read_api_keys, replay_pieces)
-from raycache.service.app import api_settings, free_port
+from raycache.service.app import api_settings
 from raycache.service.upstream import UpstreamClient
+from tests.http_server import serving
 from tests.test_cache import DIM, HashingEncoder
 
 ADMIN_KEY = "safety-admin-KEY-0001"
@@ -50,23 +46,6 @@ PREAMBLE = ("You are the support assistant of Example Corp. Follow the policy be
 
 
 # ----------------------------------------------------------------------------- helpers
-@contextmanager
-def serving(app):
-    """Run an ASGI app with uvicorn on a free loopback port; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def answer_for(body: dict, index: int = 0) -> str:

@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,12 +24,11 @@ from typing import Callable, Optional
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from raycache.cache import LRUEviction, SemanticCache, StaticThreshold
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest
-from raycache.service.app import free_port
 from raycache.service.upstream import UpstreamClient
+from tests.http_server import serving
 from tests.test_cache import DIM, HashingEncoder
 
 SOAK_SECONDS = float(os.environ.get("RAYCACHE_SOAK_SECONDS", "30"))
@@ -235,18 +233,8 @@ def service():
         cache.store(f"{workload.prompt()} (warm-up {i})", "warm-up answer", workload.rng.choice(workload.tenants))
     upstream = UpstreamClient("http://upstream.test/v1", transport=httpx.MockTransport(EchoUpstream().handle))
     app = create_app(EngineBackend(cache), ApiSettings(api_key_sha256=key_digest(KEY)), upstream)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", cache
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url, cache
 
 
 def test_soak_in_process_memory_flat_capacity_held_no_errors(service):
