@@ -44,7 +44,12 @@ cache's size; so calibrate on a stream like production traffic and of a similar 
 window of it), and verify online. Measured on QQP (bench/README.md §4b): false hits come from pairs
 of look-alike groups, so they are correlated across arrivals, and two group-disjoint halves of one
 stream differed by more than the binomial bound allows (at δ = 2%, 95%: the test half exceeded δ in 3
-of 6 splits, by at most 0.25 points; at 99% in 1 of 6). For ``among_hits`` the sequence starts at the highest threshold
+of 6 splits, by at most 0.25 points; at 99% in 1 of 6). So by default (``clusters="confusion"``) each
+threshold's trials and failures are divided by a design effect d_t ≥ 1 (:func:`design_effect`: the
+cluster-robust variance of the false-hit rate over the binomial one, clusters = groups joined by the
+false hits between them at that threshold), i.e. the bound is computed on Kish's effective sample
+size. This is an approximation (d_t is estimated from the same stream), not an exact guarantee; it
+is 1 for independent arrivals, so the coverage there is unchanged. For ``among_hits`` the sequence starts at the highest threshold
 with enough hits for a zero-failure test to pass at all (n ≥ ln α / ln(1 − δ)); that start depends on
 the similarities only, not the labels, so the argument above holds conditionally on them.
 
@@ -98,7 +103,9 @@ class ThresholdCounts:
 
     ``arrivals``: stream length; ``hits``, ``exact_hits``, ``correct_hits``, ``false_hits``,
     ``unknown_hits`` [T] int64 (unknown: hits whose correctness the stream cannot tell; counted as
-    false by the bounds); ``exact_correct_hits``: correct hits answered by the exact tier.
+    false by the bounds); ``exact_correct_hits``: correct hits answered by the exact tier;
+    ``design_effect`` [T] float ≥ 1 or None: variance inflation of the false-hit rate from correlated
+    arrivals (:func:`design_effect`).
     """
 
     thresholds: np.ndarray
@@ -109,18 +116,25 @@ class ThresholdCounts:
     false_hits: np.ndarray
     unknown_hits: np.ndarray
     exact_correct_hits: Optional[np.ndarray] = None
+    design_effect: Optional[np.ndarray] = None
 
     def __post_init__(self):
         if self.exact_correct_hits is None:
             self.exact_correct_hits = np.asarray(self.exact_hits, np.int64).copy()
 
-    def trials_and_failures(self, bound: str) -> tuple[np.ndarray, np.ndarray]:
+    def trials_and_failures(self, bound: str, effective: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(trials, failures) [T] per threshold for ``bound``; with a ``design_effect`` d_t and
+        ``effective``, both divided by d_t (Kish's effective sample size: same rate, wider bound)."""
         failures = self.false_hits + self.unknown_hits
         if bound == "per_request":
-            return np.full(len(self.thresholds), self.arrivals, np.int64), failures
-        if bound == "among_hits":
-            return self.hits.astype(np.int64), failures
-        raise ConfigError(f"bound must be one of {BOUNDS}, got {bound!r}")
+            trials = np.full(len(self.thresholds), self.arrivals, np.int64)
+        elif bound == "among_hits":
+            trials = self.hits.astype(np.int64)
+        else:
+            raise ConfigError(f"bound must be one of {BOUNDS}, got {bound!r}")
+        if self.design_effect is None or not effective:
+            return trials, failures
+        return trials / self.design_effect, failures / self.design_effect
 
     def row(self, i: int) -> dict:
         n = self.arrivals
@@ -150,16 +164,86 @@ def counts_from_outcomes(similarity: np.ndarray, wrong: np.ndarray, thresholds: 
                            false, np.zeros(len(ts), np.int64))
 
 
+CLUSTERINGS = ("confusion", "group", "none")
+
+
+def design_effect(failed: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Variance inflation of a failure rate whose arrivals fail together within clusters.
+
+    ``failed`` [T, n] bool (per threshold, per arrival), ``clusters`` [n] int ids. With k_c failures
+    among the n_c arrivals of cluster c, p = k / n and C clusters, the cluster-robust variance of p is
+
+        V_cl = C / (C − 1) · Σ_c (k_c − p·n_c)² / n²,
+
+    and the design effect d = max(1, V_cl / (p(1 − p) / n)) [T] (1 where p is 0 or 1, or C < 2).
+    Dividing trials and failures by d gives the binomial bound the variance of correlated data.
+    """
+    failed = np.atleast_2d(np.asarray(failed, bool))
+    codes, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    n, c = failed.shape[1], len(codes)
+    out = np.ones(failed.shape[0])
+    if n == 0 or c < 2:
+        return out
+    n_c = np.bincount(inverse, minlength=c).astype(np.float64)
+    for t in range(failed.shape[0]):
+        k_c = np.bincount(inverse, weights=failed[t].astype(np.float64), minlength=c)
+        p = k_c.sum() / n
+        if 0 < p < 1:
+            v_cluster = c / (c - 1) * np.square(k_c - p * n_c).sum() / n ** 2
+            out[t] = max(1.0, v_cluster / (p * (1 - p) / n))
+    return out
+
+
+def arrival_groups(stream) -> np.ndarray:
+    """Dense int code [n] of each arrival's group (``group`` column; for streams labelled by
+    ``answers``, its distinct answer set); an arrival without a label is its own group."""
+    if "group" in stream.columns:
+        labels = stream["group"].tolist()
+    else:
+        labels = [repr(sorted(map(str, a))) if isinstance(a, (list, tuple, np.ndarray)) else None
+                  for a in stream["answers"].tolist()]
+    keys = [f"label:{g}" if g is not None and g == g else f"row:{i}" for i, g in enumerate(labels)]
+    return np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].astype(np.int64)
+
+
+def failure_clusters(groups: np.ndarray, decision, verdict: np.ndarray, clusters: str) -> Optional[np.ndarray]:
+    """Cluster id [n] of each arrival under one threshold's replay, for :func:`design_effect`, or
+    None (``clusters='none'``). ``groups``: :func:`arrival_groups`; ``decision`` / ``verdict``: that
+    replay's decisions and :func:`hit_correctness`.
+
+    ``group``: the arriving prompt's group (its arrivals share a response, so share mistakes).
+    ``confusion``: groups also joined whenever an arrival of one is answered with another's
+    response — false hits come from *pairs* of look-alike groups, so the arrivals of both fail
+    together.
+    """
+    if clusters not in CLUSTERINGS:
+        raise ConfigError(f"clusters must be one of {CLUSTERINGS}, got {clusters!r}")
+    if clusters == "none":
+        return None
+    if clusters == "group":
+        return groups
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    wrong = np.flatnonzero(verdict == 0)
+    origin = decision.matched_row[wrong]
+    wrong, origin = wrong[origin >= 0], origin[origin >= 0]
+    g = int(groups.max()) + 1 if len(groups) else 0
+    graph = coo_matrix((np.ones(len(wrong)), (groups[wrong], groups[origin])), shape=(g, g))
+    return connected_components(graph, directed=False)[1][groups]
+
+
 def stream_counts(stream, vectors: np.ndarray, thresholds: Optional[Sequence[float]] = None,
                   cache=None, replay: str = "auto", chunk_size: Optional[int] = None,
-                  times: Optional[np.ndarray] = None) -> ThresholdCounts:
+                  times: Optional[np.ndarray] = None, clusters: str = "confusion") -> ThresholdCounts:
     """Replay a labelled stream (``prompt`` + ``group`` or ``answers``, optional ``namespace``) with
     the engine's decision rule under every threshold -> :class:`ThresholdCounts`.
 
     The replay is the offline simulator's (:func:`raycache.simulation.offline.replay_sweep`: the
     vectorized replay where exact, the engine one arrival at a time otherwise) and correctness is
     the simulator's (:func:`raycache.simulation.metrics.hit_correctness`). ``vectors`` [n, dim];
-    ``cache``: the :class:`CacheConfig` to reproduce (default: unbounded, exact tier on).
+    ``cache``: the :class:`CacheConfig` to reproduce (default: unbounded, exact tier on);
+    ``clusters``: how arrivals are grouped for the design effect (:func:`failure_clusters`).
     """
     from raycache.config import CacheConfig
     from raycache.data import DataError
@@ -176,16 +260,25 @@ def stream_counts(stream, vectors: np.ndarray, thresholds: Optional[Sequence[flo
     decisions, _ = replay_sweep(replay_stream, cache, ts, replay, chunk_size or DEFAULT_CHUNK, times)
     out = {k: np.zeros(len(ts), np.int64)
            for k in ("hits", "exact", "correct", "false", "unknown", "exact_correct")}
+    verdicts = {t: hit_correctness(stream, decisions[t], mode) for t in ts}
     for i, t in enumerate(ts):
-        verdict = hit_correctness(stream, decisions[t], mode)
+        verdict = verdicts[t]
         out["exact_correct"][i] = int((verdict[decisions[t].exact] == 1).sum())
         out["hits"][i] = int(decisions[t].hit.sum())
         out["exact"][i] = int(decisions[t].exact.sum())
         out["correct"][i] = int((verdict == 1).sum())
         out["false"][i] = int((verdict == 0).sum())
         out["unknown"][i] = int((verdict == -1).sum())
+    deff = None
+    if clusters not in CLUSTERINGS:
+        raise ConfigError(f"clusters must be one of {CLUSTERINGS}, got {clusters!r}")
+    if clusters != "none":
+        groups = arrival_groups(stream)
+        deff = np.array([design_effect(((verdicts[t] == 0) | (verdicts[t] == -1))[None, :],
+                                       failure_clusters(groups, decisions[t], verdicts[t], clusters))[0]
+                         for t in ts])
     return ThresholdCounts(np.array(ts), len(stream), out["hits"], out["exact"], out["correct"],
-                           out["false"], out["unknown"], out["exact_correct"])
+                           out["false"], out["unknown"], out["exact_correct"], deff)
 
 
 # ----------------------------------------------------------------------------- threshold selection
@@ -221,7 +314,7 @@ def fixed_sequence(counts: ThresholdCounts, delta: float, confidence: float = 0.
     chosen, tested = None, 0
     for i in range(start, len(trials)):
         tested += 1
-        ucb[i] = clopper_pearson_upper(int(failures[i]), int(trials[i]), confidence) if trials[i] else 1.0
+        ucb[i] = clopper_pearson_upper(float(failures[i]), float(trials[i]), confidence) if trials[i] >= 1 else 1.0
         if ucb[i] > delta:
             break
         chosen = i
@@ -253,8 +346,11 @@ def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
     """Fixed-sequence selection on ``counts`` -> the :class:`PolicyFile` (not yet written)."""
     selection = fixed_sequence(counts, delta, confidence, bound)
     trials, failures = counts.trials_and_failures(bound)
-    tested = [{"threshold": float(counts.thresholds[i]), "trials": int(trials[i]),
-               "failures": int(failures[i]), "ucb": float(selection.ucb[i])}
+    raw_trials, raw_failures = counts.trials_and_failures(bound, effective=False)
+    deff = counts.design_effect if counts.design_effect is not None else np.ones(len(trials))
+    tested = [{"threshold": float(counts.thresholds[i]), "trials": int(raw_trials[i]),
+               "failures": int(raw_failures[i]), "design_effect": round(float(deff[i]), 4),
+               "ucb": float(selection.ucb[i])}
               for i in range(len(trials)) if not math.isnan(selection.ucb[i])]
     i = selection.index
     return PolicyFile(
@@ -288,7 +384,7 @@ def run(cfg) -> dict:
                                cfg.encoder.model_copy(update={"model": model}),
                                out.with_name(out.stem + ".embeddings.npy"))
     counts = stream_counts(stream, vectors, cfg.thresholds or None, cfg.cache, cfg.replay,
-                           times=arrival_times(stream, None))
+                           times=arrival_times(stream, None), clusters=cfg.clusters)
     policy = fit_policy(counts, cfg.target_false_hit, cfg.confidence, cfg.bound, model,
                         cfg.stream, cfg.encoder.max_length)
     path = policy.write(cfg.out)

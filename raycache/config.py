@@ -341,6 +341,9 @@ class CalibrateConfig(_Base):
     embeddings: Optional[str] = Field(None, description="Precomputed embeddings (.npy) for the stream.")
     replay: Literal["auto", "vectorized", "engine"] = Field(
         "auto", description="Replay: vectorized where exact, else the engine one by one.")
+    clusters: Literal["confusion", "group", "none"] = Field("confusion", description=(
+        "Correlated arrivals widen the bound by their design effect: confusion = groups joined by "
+        "their false hits; group = each arrival's group; none = independent arrivals (binomial)."))
 
 
 class PipelineConfig(_Base):

@@ -90,6 +90,48 @@ def test_counts_from_the_replay_are_the_simulators_metrics():
         cal.stream_counts(stream.drop(columns="group"), vecs, [0.5])
 
 
+def test_design_effect_is_one_for_independent_arrivals_and_the_cluster_size_for_shared_fates():
+    rng = np.random.default_rng(7)
+    n, size = 20_000, 8
+    clusters = np.repeat(np.arange(n // size), size)
+    independent = rng.uniform(size=n) < 0.05
+    shared = np.repeat(rng.uniform(size=n // size) < 0.05, size)  # a cluster's arrivals fail together
+    d = cal.design_effect(np.stack([independent, shared]), clusters)
+    assert d[0] == pytest.approx(1.0, abs=0.15)
+    assert d[1] == pytest.approx(size, rel=0.1)
+    assert cal.design_effect(np.zeros((1, 10), bool), np.arange(10))[0] == 1.0  # no failures: no inflation
+
+
+def test_confusion_clusters_join_the_groups_a_false_hit_links():
+    groups = np.array([0, 0, 1, 1, 2, 3])
+    class D:  # the one field failure_clusters reads
+        matched_row = np.array([-1, 0, -1, 0, -1, 4])
+    verdict = np.array([2, 1, 2, 0, 2, 0])  # arrival 3 (group 1) got group 0's answer; 5 got 2's
+    ids = cal.failure_clusters(groups, D, verdict, "confusion")
+    assert ids[0] == ids[1] == ids[2] == ids[3] and ids[4] == ids[5] and ids[0] != ids[4]
+    assert cal.failure_clusters(groups, D, verdict, "group").tolist() == groups.tolist()
+    assert cal.failure_clusters(groups, D, verdict, "none") is None
+    with pytest.raises(ConfigError, match="clusters"):
+        cal.failure_clusters(groups, D, verdict, "arrivals")
+
+
+def test_correlated_false_hits_widen_the_bound_and_raise_the_threshold():
+    stream, vecs = clustered_stream(1500, 60, 32, 1.2, seed=5)
+    grid = [round(0.5 + 0.02 * i, 2) for i in range(25)]
+    plain = cal.stream_counts(stream, vecs, grid, clusters="none")
+    robust = cal.stream_counts(stream, vecs, grid, clusters="confusion")
+    assert plain.design_effect is None and (robust.design_effect >= 1).all()
+    assert (robust.false_hits == plain.false_hits).all()  # same replay, only the bound changes
+    hi = robust.false_hits > 0
+    assert robust.design_effect[hi].max() > 1.2  # groups confused with each other fail together
+    delta = float(np.median(plain.false_hits[hi] / plain.arrivals))
+    a, b = cal.fixed_sequence(plain, delta), cal.fixed_sequence(robust, delta)
+    assert b.ucb[b.tested - 1] >= a.ucb[b.tested - 1]
+    assert (b.threshold or 2.0) >= (a.threshold or 2.0)
+    policy = cal.fit_policy(robust, delta)
+    assert all(row["design_effect"] >= 1 and isinstance(row["trials"], int) for row in policy.tested)
+
+
 # ----------------------------------------------------------------------------- files and commands
 @pytest.fixture()
 def fake_model(tmp_path):
