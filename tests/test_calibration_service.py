@@ -25,8 +25,6 @@ from tests.http_server import serving
 from tests.test_simulation import clustered_stream
 
 
-
-
 def upstream_app(calls: list) -> FastAPI:
     """Answers 'answer g<k>' for a prompt 'question <k> phrased way <p>': one response per group."""
     app = FastAPI()
