@@ -34,10 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--clusters", default="none,group,confusion")
     args = ap.parse_args(argv)
-    from raycache.calibration import fixed_sequence, stream_counts
     from raycache.data import read_stream
     from raycache.encoder import Encoder
-    from raycache.simulation import split_by_group
+    from raycache.simulation import operating_point_split
 
     stream = read_stream(args.stream)
     cache = Path(args.embeddings) if args.embeddings else None
@@ -53,22 +52,15 @@ def main(argv=None) -> int:
     rules = args.clusters.split(",")
     rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rules}
     for seed in range(args.seeds):
-        calib = split_by_group(stream, 0.5, seed)
-        parts = {k: (stream[m].reset_index(drop=True), np.ascontiguousarray(vectors[m]))
-                 for k, m in (("calib", calib), ("test", ~calib))}
-        test = stream_counts(*parts["test"], grid, clusters="none")
-        test_fh = test.false_hits / test.arrivals
-        test_ch = test.correct_hits / test.arrivals
-        ok = np.flatnonzero(test_fh <= args.delta)
-        best = float(test_ch[ok].max()) if len(ok) else 0.0
         for rule in rules:
-            sel = fixed_sequence(stream_counts(*parts["calib"], grid, clusters=rule), args.delta,
-                                 args.confidence)
-            fh, ch = (0.0, 0.0) if sel.index is None else (float(test_fh[sel.index]), float(test_ch[sel.index]))
-            rows[rule].append((sel.threshold or float("nan"), fh, ch / best if best else float("nan")))
-            print(f"seed {seed} clusters={rule}: threshold {sel.threshold} test false-hit {fh:.4f} "
-                  f"correct-hit {ch:.4f} ({ch / best if best else float('nan'):.2f}x best on test {best:.4f})",
-                  flush=True)
+            entry = operating_point_split(stream, vectors, seed=seed, thresholds=grid, clusters=rule,
+                                          deltas=(args.delta,), confidence=args.confidence)["deltas"][0]
+            chosen, ratio = entry["fixed_sequence"], entry["fixed_sequence_vs_best"]
+            rows[rule].append((chosen["threshold"] or float("nan"), chosen["false_hit_rate"],
+                               float("nan") if ratio is None else ratio))
+            print(f"seed {seed} clusters={rule}: threshold {chosen['threshold']} test false-hit "
+                  f"{chosen['false_hit_rate']:.4f} correct-hit {chosen['correct_hit_rate']:.4f} "
+                  f"({rows[rule][-1][2]:.2f}x best on test)", flush=True)
     print(f"\nδ = {args.delta:g}, confidence {args.confidence:g}, {args.seeds} group splits, load "
           f"{os.getloadavg()[0]:.1f}\n")
     print("| clusters | thresholds | test false-hit per split | splits within δ | correct-hit vs best on test |")

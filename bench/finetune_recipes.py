@@ -5,11 +5,12 @@ the same prompts (QQP by default). The pair graph's connected components are dea
 train / calibration / test parts (question-disjoint). Each recipe is fine-tuned with ``raycache
 train`` on the train part's pairs; then the calibration and test parts of the stream are replayed
 through the cache simulator (static threshold, unlimited cache). The threshold for each budget δ is
-chosen on the calibration stream (the lowest threshold whose false-hit rate there is ≤ δ, i.e. the
-most hits within budget) and the figure is read on the test stream; the best threshold on the test
-stream itself is printed beside it as an upper bound.
+chosen on the calibration stream (the lowest threshold whose false-hit rate there is ≤ δ: the
+empirical rule of ``raycache.simulation.operating_point``) and the figure is read on the test
+stream; the best threshold on the test stream itself is printed beside it as an upper bound.
 
-    python bench/finetune_recipes.py --recipes base,bce_default,bce_region --out runs/recipes
+    python bench/finetune_recipes.py --recipes base,default,bce_v0 --out runs/recipes
+    python bench/finetune_recipes.py --recipes base,default --out runs/recipes --reuse-models  # re-evaluate only
 
 Prints one table (and writes ``recipes.json``): pair AUC/AP on the test part's pairs, and per δ
 the correct-hit and false-hit rate on the test stream.
@@ -94,34 +95,26 @@ def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path) -> dic
     return {"files": {k: str(v) for k, v in files.items()}, "sizes": sizes}
 
 
-def sweep(stream: pd.DataFrame, vectors: np.ndarray) -> list[dict]:
-    """Per-threshold replay metrics of a stream (static threshold, unlimited cache)."""
-    from raycache.simulation.metrics import replay_metrics
-    from raycache.simulation.offline import ReplayStream, replay_vectorized, unit_rows
+def operating_points(calib: pd.DataFrame, calib_vectors: np.ndarray, test: pd.DataFrame,
+                     test_vectors: np.ndarray) -> dict:
+    """Per δ: the test figures at the threshold the plain rule picks on the calibration stream (the
+    lowest whose false-hit rate there is ≤ δ), with the best threshold on the test stream as an upper
+    bound and raycache calibrate's fixed-sequence choice beside them (``raycache.simulation``)."""
+    from raycache.simulation import operating_point
 
     thresholds = [round(0.5 + 0.005 * i, 3) for i in range(100)]
-    runs = replay_vectorized(ReplayStream.from_frame(stream, unit_rows(vectors)), thresholds,
-                             exact_tier=True)
-    return [replay_metrics(stream, dec, t, mode="group") for t, (dec, _) in runs.items() if dec is not None]
-
-
-def best_within(points: list[dict], delta: float) -> dict | None:
-    ok = [p for p in points if p["false_hit_rate"] <= delta + 1e-12]
-    return max(ok, key=lambda p: (p["correct_hit_rate"], -p["false_hit_rate"])) if ok else None
-
-
-def operating_points(calib: list[dict], test: list[dict]) -> dict:
-    by_t = {p["threshold"]: p for p in test}
+    result = operating_point(calib, test, calib_vectors=calib_vectors, test_vectors=test_vectors,
+                             deltas=DELTAS, thresholds=thresholds)
     out = {}
-    for d in DELTAS:
-        chosen = best_within(calib, d)
-        on_test = by_t.get(chosen["threshold"]) if chosen else None
-        oracle = best_within(test, d)
-        out[f"{d:g}"] = {
-            "threshold": chosen["threshold"] if chosen else None,
-            "correct_hit_rate": on_test["correct_hit_rate"] if on_test else 0.0,
-            "false_hit_rate": on_test["false_hit_rate"] if on_test else 0.0,
-            "upper_bound_correct_hit_rate": oracle["correct_hit_rate"] if oracle else 0.0,
+    for entry in result["deltas"]:
+        chosen, best = entry["empirical"], entry["best_on_test"]
+        out[f"{entry['delta']:g}"] = {
+            "threshold": chosen["threshold"],
+            "correct_hit_rate": chosen["correct_hit_rate"],
+            "false_hit_rate": chosen["false_hit_rate"],
+            "upper_bound_correct_hit_rate": best["correct_hit_rate"] if best else 0.0,
+            "fixed_sequence": {k: entry["fixed_sequence"][k]
+                               for k in ("threshold", "correct_hit_rate", "false_hit_rate")},
         }
     return out
 
@@ -140,8 +133,8 @@ def evaluate_model(model: str | None, data: dict, max_length: int) -> dict:
                 "operating_points": {}}
     calib = read_stream(data["files"]["calib_stream"])
     test = read_stream(data["files"]["test_stream"])
-    ops = operating_points(sweep(calib, enc.encode(calib["prompt"].tolist())),
-                           sweep(test, enc.encode(test["prompt"].tolist())))
+    ops = operating_points(calib, enc.encode(calib["prompt"].tolist()),
+                           test, enc.encode(test["prompt"].tolist()))
     return {"auc": pm["auc"], "ap": pm["average_precision"], "tpr_at_fpr": pm["tpr_at_fpr"],
             "operating_points": ops}
 
@@ -171,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/recipes")
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="evaluate the models already trained under --out instead of training again")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = Path(args.out).resolve()
@@ -183,7 +178,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         info: dict = {}
         model = None
-        if name != "base":
+        if name != "base" and args.reuse_models and (out / name / "train_metrics.json").exists():
+            model, info = str(out / name / "model"), dict(results.get(name, {}))
+            info.pop("operating_points", None)
+        elif name != "base":
             model, info = train_recipe(name, data, out, args.max_pairs)
         info |= evaluate_model(model, data, args.max_length)
         info["load_avg"] = os.getloadavg()

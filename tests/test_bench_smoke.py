@@ -134,3 +134,25 @@ def test_service_engine_contender_counts_hits_and_false_hits():
     assert summary["arrivals"] == 4 and summary["hit_rate"] == 0.5
     assert summary["false_hit_rate"] == 0.25 and summary["correct_hit_rate"] == 0.25
     assert summary["lookup"]["n"] == 2  # two batched lookup calls
+
+
+def test_recipe_operating_points_choose_on_calibration_and_read_on_test():
+    from bench import finetune_recipes
+    from raycache.calibration import stream_counts
+    from raycache.simulation import split_by_group
+    from tests.test_simulation import clustered_stream
+
+    stream, vecs = clustered_stream(1200, 60, 32, 1.2, seed=3)
+    calib = split_by_group(stream, 0.5, seed=0)
+    parts = [(stream[m].reset_index(drop=True), np.ascontiguousarray(vecs[m])) for m in (calib, ~calib)]
+    ops = finetune_recipes.operating_points(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    assert set(ops) == {"0.01", "0.02", "0.05"}
+    for delta, op in ops.items():
+        # the empirical rule: the lowest grid threshold whose *calibration* false-hit rate is <= δ
+        counts = stream_counts(*parts[0], [op["threshold"]], clusters="none") if op["threshold"] else None
+        if counts is not None:
+            assert counts.false_hits[0] / counts.arrivals <= float(delta) + 1e-12
+        assert 0 <= op["correct_hit_rate"] and op["upper_bound_correct_hit_rate"] >= 0
+        assert op["fixed_sequence"]["threshold"] is None or op["threshold"] is None or \
+            op["fixed_sequence"]["threshold"] >= op["threshold"]  # the bound is the stricter rule
+    assert ops["0.05"]["correct_hit_rate"] >= ops["0.01"]["correct_hit_rate"]  # more budget, more hits

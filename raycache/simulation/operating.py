@@ -112,7 +112,7 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
                     test_vectors: Optional[np.ndarray] = None,
                     deltas: Sequence[float] = DEFAULT_DELTAS, confidence: float = 0.95,
                     thresholds: Optional[Sequence[float]] = None, cache=None, encoder: Any = None,
-                    check_disjoint: bool = True) -> dict:
+                    check_disjoint: bool = True, clusters: str = "confusion") -> dict:
     """Correct-hit rate on ``test`` at per-arrival false-hit ≤ δ, threshold chosen on ``calib``.
 
     ``calib`` / ``test``: labelled streams in arrival order (DataFrames or paths; columns ``prompt``
@@ -121,7 +121,8 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     per arrival (then ``model`` is only a label); otherwise each stream is embedded with ``encoder``
     (anything with ``encode(list[str])``) or ``Encoder.load(model)``. ``thresholds``: the grid
     (default :func:`raycache.calibration.calibration_thresholds`); ``cache``: the CacheConfig to
-    replay (default unbounded, exact tier on).
+    replay (default unbounded, exact tier on); ``clusters``: how the calibration bound counts
+    correlated arrivals (:func:`raycache.calibration.stream_counts`).
 
     Returns a JSON-safe dict: ``calibration`` / ``test`` (arrivals, oracle hit rate), ``confidence``,
     and ``deltas``: one entry per δ with ``fixed_sequence`` (threshold, ``calibration_ucb``, the test
@@ -149,8 +150,8 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     if test_vectors is None:
         test_vectors = _embed(test_frame, model, encoder)
     grid = sorted({float(t) for t in (thresholds or calibration_thresholds())} | {NEVER}, reverse=True)
-    cal = stream_counts(calib_frame, calib_vectors, grid, cache)
-    tst = stream_counts(test_frame, test_vectors, grid, cache)
+    cal = stream_counts(calib_frame, calib_vectors, grid, cache, clusters=clusters)
+    tst = stream_counts(test_frame, test_vectors, grid, cache, clusters="none")  # read, not bounded
     at = {float(t): i for i, t in enumerate(tst.thresholds)}
     out: dict = {
         "model": model or "default",
