@@ -9,6 +9,7 @@ test false-hit rate per split, how many splits stay within δ, and the correct-h
 the best static threshold chosen on the test half itself.
 
     python bench/calibration_splits.py --seeds 6 --delta 0.02
+    python bench/calibration_splits.py --clusters confusion --horizons none,test   # realised-rate bound
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--delta", type=float, default=0.02)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--clusters", default="none,group,confusion")
+    ap.add_argument("--horizons", default="none",
+                    help="comma list: none (bound the traffic's rate), test (the realised rate over "
+                         "the test half's length) or a number of requests; one rule per clusters×horizon")
     args = ap.parse_args(argv)
     from raycache.data import read_stream
     from raycache.encoder import Encoder
@@ -49,12 +53,17 @@ def main(argv=None) -> int:
         if cache is not None:
             np.save(cache, vectors)
     grid = [round(0.85 + 0.005 * i, 3) for i in range(30)]
-    rules = args.clusters.split(",")
+    horizons = [None if h == "none" else h if h == "test" else int(h) for h in args.horizons.split(",")]
+    rules = [f"{c}" if h is None else f"{c}, horizon={h}" for c in args.clusters.split(",") for h in horizons]
+    settings = {f"{c}" if h is None else f"{c}, horizon={h}": (c, h)
+                for c in args.clusters.split(",") for h in horizons}
     rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rules}
     for seed in range(args.seeds):
         for rule in rules:
-            entry = operating_point_split(stream, vectors, seed=seed, thresholds=grid, clusters=rule,
-                                          deltas=(args.delta,), confidence=args.confidence)["deltas"][0]
+            clusters, horizon = settings[rule]
+            entry = operating_point_split(stream, vectors, seed=seed, thresholds=grid, clusters=clusters,
+                                          horizon=horizon, deltas=(args.delta,),
+                                          confidence=args.confidence)["deltas"][0]
             chosen, ratio = entry["fixed_sequence"], entry["fixed_sequence_vs_best"]
             rows[rule].append((chosen["threshold"] or float("nan"), chosen["false_hit_rate"],
                                float("nan") if ratio is None else ratio))

@@ -300,12 +300,37 @@ def min_trials_to_pass(delta: float, confidence: float) -> int:
     return int(math.ceil(math.log(1 - confidence) / math.log(1 - delta) - 1e-12))
 
 
+def realised_upper(failures, trials, confidence: float, horizon: int, design: float = 1.0) -> float:
+    """Upper bound on the *realised* failure rate over the next ``horizon`` requests.
+
+    With α = 1 − confidence, the rate's bound p⁺ = UCB_{1−α/2}(k, n) (Clopper–Pearson on the
+    calibration trials), and m = ``horizon`` / ``design`` effective future trials, the bound is the
+    upper α/2 quantile of Binomial(m, p⁺) over m. By the union bound, P(realised rate > bound) ≤ α/2
+    (p > p⁺) + α/2 (a Binomial(m, p) draw above that quantile, p ≤ p⁺): the future sample's own
+    spread is paid for, which a bound on the population rate alone leaves out (a finite test half of
+    9,587 QQP arrivals has a standard deviation of 0.14 points at a 2% rate)."""
+    from scipy.stats import binom
+
+    alpha = 1.0 - confidence
+    p_up = clopper_pearson_upper(float(failures), float(trials), 1.0 - alpha / 2) if trials >= 1 else 1.0
+    m = max(1, int(horizon / max(design, 1.0)))
+    return float(binom.ppf(1.0 - alpha / 2, m, p_up)) / m
+
+
 def fixed_sequence(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
-                   bound: str = "per_request") -> Selection:
+                   bound: str = "per_request", horizon: Optional[int] = None) -> Selection:
     """Fixed-sequence testing from the highest threshold down; stop at the first failure (see the
-    module docstring for the procedure, the formula and why it is valid across all thresholds)."""
+    module docstring for the procedure, the formula and why it is valid across all thresholds).
+
+    ``horizon``: None bounds the rate of the traffic (the population rate); an int M bounds the
+    realised rate over the next M requests instead (:func:`realised_upper`; ``per_request`` only),
+    a stricter test for a finite window such as a day's traffic or a held-out test stream."""
     _check_delta(delta, confidence)
+    if horizon is not None and (bound != "per_request" or horizon < 1):
+        raise ConfigError(f"horizon needs bound='per_request' and at least 1 request, got "
+                          f"horizon={horizon!r}, bound={bound!r}")
     trials, failures = counts.trials_and_failures(bound)
+    design = counts.design_effect if counts.design_effect is not None else np.ones(len(trials))
     ucb = np.full(len(trials), np.nan)
     start = 0
     if bound == "among_hits":  # label-independent start: the first test that could pass at all
@@ -314,7 +339,10 @@ def fixed_sequence(counts: ThresholdCounts, delta: float, confidence: float = 0.
     chosen, tested = None, 0
     for i in range(start, len(trials)):
         tested += 1
-        ucb[i] = clopper_pearson_upper(float(failures[i]), float(trials[i]), confidence) if trials[i] >= 1 else 1.0
+        if horizon is not None:
+            ucb[i] = realised_upper(failures[i], trials[i], confidence, horizon, float(design[i]))
+        else:
+            ucb[i] = clopper_pearson_upper(float(failures[i]), float(trials[i]), confidence) if trials[i] >= 1 else 1.0
         if ucb[i] > delta:
             break
         chosen = i
@@ -342,9 +370,10 @@ def _check_delta(delta: float, confidence: float) -> None:
 
 def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
                bound: str = "per_request", model: Optional[str] = None,
-               stream: Optional[str] = None, max_length: Optional[int] = None) -> PolicyFile:
+               stream: Optional[str] = None, max_length: Optional[int] = None,
+               horizon: Optional[int] = None) -> PolicyFile:
     """Fixed-sequence selection on ``counts`` -> the :class:`PolicyFile` (not yet written)."""
-    selection = fixed_sequence(counts, delta, confidence, bound)
+    selection = fixed_sequence(counts, delta, confidence, bound, horizon)
     trials, failures = counts.trials_and_failures(bound)
     raw_trials, raw_failures = counts.trials_and_failures(bound, effective=False)
     deff = counts.design_effect if counts.design_effect is not None else np.ones(len(trials))
@@ -361,7 +390,8 @@ def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
         n_unknown_hits=0 if i is None else int(counts.unknown_hits[i]),
         model=model_identity(model), stream=stream,
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        thresholds_tried=len(counts.thresholds), tested=tested, max_length=max_length)
+        thresholds_tried=len(counts.thresholds), tested=tested, max_length=max_length,
+        horizon=horizon)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -386,7 +416,7 @@ def run(cfg) -> dict:
     counts = stream_counts(stream, vectors, cfg.thresholds or None, cfg.cache, cfg.replay,
                            times=arrival_times(stream, None), clusters=cfg.clusters)
     policy = fit_policy(counts, cfg.target_false_hit, cfg.confidence, cfg.bound, model,
-                        cfg.stream, cfg.encoder.max_length)
+                        cfg.stream, cfg.encoder.max_length, cfg.horizon)
     path = policy.write(cfg.out)
     if policy.qualified:
         logger.info("calibrated threshold %.4f: %s false-hit bound %.4f <= %g at %.0f%% confidence "

@@ -344,6 +344,9 @@ class CalibrateConfig(_Base):
     clusters: Literal["confusion", "group", "none"] = Field("confusion", description=(
         "Correlated arrivals widen the bound by their design effect: confusion = groups joined by "
         "their false hits; group = each arrival's group; none = independent arrivals (binomial)."))
+    horizon: Optional[int] = Field(None, ge=1, description=(
+        "Bound the realised false-hit rate over the next N requests (a finite window: a day's "
+        "traffic, a test stream) instead of the traffic's rate; stricter. per_request only."))
 
 
 class PipelineConfig(_Base):

@@ -83,7 +83,8 @@ class PolicyFile:
     ``ucb``: the upper confidence bound of the chosen threshold's rate (``bound`` kind);
     ``n_arrivals`` / ``n_hits`` / ``n_false_hits``: the calibration replay at that threshold;
     ``tested``: the fixed sequence as tested, [{threshold, trials, failures, ucb}] high to low;
-    ``model``: {path, fingerprint} it was fitted for.
+    ``model``: {path, fingerprint} it was fitted for; ``horizon``: None when ``ucb`` bounds the
+    traffic's rate, else the number of requests whose realised rate it bounds.
     """
 
     threshold: Optional[float]
@@ -102,6 +103,7 @@ class PolicyFile:
     thresholds_tried: int = 0
     tested: list = field(default_factory=list)
     max_length: Optional[int] = None
+    horizon: Optional[int] = None
     format: str = POLICY_FORMAT
 
     @property

@@ -75,6 +75,33 @@ def test_per_request_policy_meets_delta_in_95_percent_of_200_runs():
     assert T_STAR < np.median(chosen) < T_STAR + 0.06  # and the bound is not absurdly conservative
 
 
+def test_horizon_bound_covers_the_realised_rate_of_a_short_window():
+    """With ``horizon`` = M, the realised false-hit rate over the next M requests is ≤ δ in ≥ 95% of
+    200 runs, where the traffic-rate bound alone overshoots δ on such windows far more often; the
+    price is a higher threshold, and it tends to the traffic bound as M grows."""
+    horizon = 2000
+    realised_pop, realised_hor, t_pop, t_hor = [], [], [], []
+    for seed in range(200):
+        rng = np.random.default_rng(1000 + seed)
+        counts = cal.counts_from_outcomes(*known_stream(4000, rng), GRID)
+        a = cal.fixed_sequence(counts, DELTA).threshold
+        b = cal.fixed_sequence(counts, DELTA, horizon=horizon).threshold
+        sims, wrong = known_stream(horizon, rng)  # the next M requests
+        realised_pop.append(np.mean((sims >= a) & wrong) <= DELTA)
+        realised_hor.append(np.mean((sims >= b) & wrong) <= DELTA)
+        t_pop.append(a)
+        t_hor.append(b)
+    assert np.mean(realised_hor) >= 0.95
+    assert np.mean(realised_pop) < np.mean(realised_hor) - 0.05
+    assert all(h >= p for h, p in zip(t_hor, t_pop))
+    counts = cal.counts_from_outcomes(*known_stream(4000, np.random.default_rng(0)), GRID)
+    long = cal.fixed_sequence(counts, DELTA, horizon=10**9)
+    assert abs(long.threshold - cal.fixed_sequence(counts, DELTA).threshold) <= 0.011
+    with pytest.raises(ConfigError, match="horizon"):
+        cal.fixed_sequence(counts, DELTA, bound="among_hits", horizon=100)
+    assert cal.fit_policy(counts, DELTA, horizon=horizon).horizon == horizon
+
+
 def test_counts_from_the_replay_are_the_simulators_metrics():
     stream, vecs = clustered_stream(500, 30, 32, 1.5, seed=4, namespaces=2)
     counts = cal.stream_counts(stream, vecs, [0.5, 0.7, 0.9])

@@ -112,7 +112,8 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
                     test_vectors: Optional[np.ndarray] = None,
                     deltas: Sequence[float] = DEFAULT_DELTAS, confidence: float = 0.95,
                     thresholds: Optional[Sequence[float]] = None, cache=None, encoder: Any = None,
-                    check_disjoint: bool = True, clusters: str = "confusion") -> dict:
+                    check_disjoint: bool = True, clusters: str = "confusion",
+                    horizon: Union[int, str, None] = None) -> dict:
     """Correct-hit rate on ``test`` at per-arrival false-hit ≤ δ, threshold chosen on ``calib``.
 
     ``calib`` / ``test``: labelled streams in arrival order (DataFrames or paths; columns ``prompt``
@@ -122,7 +123,9 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     (anything with ``encode(list[str])``) or ``Encoder.load(model)``. ``thresholds``: the grid
     (default :func:`raycache.calibration.calibration_thresholds`); ``cache``: the CacheConfig to
     replay (default unbounded, exact tier on); ``clusters``: how the calibration bound counts
-    correlated arrivals (:func:`raycache.calibration.stream_counts`).
+    correlated arrivals (:func:`raycache.calibration.stream_counts`); ``horizon``: None bounds the
+    traffic's false-hit rate, an int the realised rate over that many requests, ``"test"`` over the
+    test stream's length (:func:`raycache.calibration.realised_upper`).
 
     Returns a JSON-safe dict: ``calibration`` / ``test`` (arrivals, oracle hit rate), ``confidence``,
     and ``deltas``: one entry per δ with ``fixed_sequence`` (threshold, ``calibration_ucb``, the test
@@ -153,16 +156,18 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     cal = stream_counts(calib_frame, calib_vectors, grid, cache, clusters=clusters)
     tst = stream_counts(test_frame, test_vectors, grid, cache, clusters="none")  # read, not bounded
     at = {float(t): i for i, t in enumerate(tst.thresholds)}
+    if horizon == "test":
+        horizon = tst.arrivals
     out: dict = {
         "model": model or "default",
         "calibration": {"arrivals": cal.arrivals, "oracle_hit_rate": float(oracle_hits(calib_frame).mean())},
         "test": {"arrivals": tst.arrivals, "oracle_hit_rate": float(oracle_hits(test_frame).mean())},
-        "confidence": confidence, "thresholds": len(grid) - 1, "deltas": [],
+        "confidence": confidence, "horizon": horizon, "thresholds": len(grid) - 1, "deltas": [],
     }
     test_rows = [_row(tst, i) for i in range(len(tst.thresholds))]
     for delta in deltas:
         entry: dict = {"delta": float(delta)}
-        for sel in (fixed_sequence(cal, delta, confidence), empirical_rule(cal, delta)):
+        for sel in (fixed_sequence(cal, delta, confidence, horizon=horizon), empirical_rule(cal, delta)):
             t = NEVER if sel.threshold is None else sel.threshold
             row = dict(test_rows[at[t]])
             row["within_delta"] = bool(row["false_hit_rate"] <= delta + 1e-12)
