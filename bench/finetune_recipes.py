@@ -11,6 +11,8 @@ stream; the best threshold on the test stream itself is printed beside it as an 
 
     python bench/finetune_recipes.py --recipes base,default,bce_v0 --out runs/recipes
     python bench/finetune_recipes.py --recipes base,default --out runs/recipes --reuse-models  # re-evaluate only
+    python bench/finetune_recipes.py --pairs ../shared/data/pairs/nq_hard_dev.jsonl --stream none \
+        --extra-train-pairs ../shared/data/pairs/nq_natural_dev.jsonl --recipes base,default --out runs/nq
 
 Prints one table (and writes ``recipes.json``): pair AUC/AP on the test part's pairs, and per δ
 the correct-hit and false-hit rate on the test stream.
@@ -61,8 +63,26 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path) -> dict:
-    """Write train/test pair files and calib/test streams, question-disjoint by pair component."""
+def extra_training_pairs(extra: pd.DataFrame, held_out: set[str]) -> pd.DataFrame:
+    """The rows of ``extra`` (more labelled pairs over related prompts) that may train without
+    touching the held-out parts: neither prompt is held out, nor shares a positive (label-1) edge of
+    ``extra`` with a held-out prompt (so no answer group reaches the test through a neighbour)."""
+    pos = extra[extra["label"] >= 0.5]
+    near = set(held_out)
+    for a, b in zip(pos["prompt_a"], pos["prompt_b"]):
+        if a in held_out:
+            near.add(b)
+        if b in held_out:
+            near.add(a)
+    keep = ~(extra["prompt_a"].isin(near) | extra["prompt_b"].isin(near))
+    return extra[keep.to_numpy()]
+
+
+def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path,
+               extra_pairs_path: Path | None = None) -> dict:
+    """Write train/test pair files and calib/test streams, question-disjoint by pair component;
+    with ``extra_pairs_path``, its pairs clear of the held-out prompts join the training pairs
+    (:func:`extra_training_pairs`)."""
     from raycache.data import read_pairs, read_stream, write_table
     from raycache.splits import assign_components, pair_components
 
@@ -73,6 +93,15 @@ def split_data(pairs_path: Path, stream_path: Path, seed: int, out: Path) -> dic
     part_of_prompt = {}
     for a, b, p in zip(pairs["prompt_a"], pairs["prompt_b"], part):
         part_of_prompt[a] = part_of_prompt[b] = int(p)
+    if extra_pairs_path is not None:
+        held_out = {q for q, p in part_of_prompt.items() if p != 0}
+        extra = extra_training_pairs(read_pairs(str(extra_pairs_path)), held_out)
+        train = pd.concat([pairs[part == 0], extra[list(pairs.columns)]], ignore_index=True)
+        train = train.drop_duplicates(["prompt_a", "prompt_b"])
+        pairs = pd.concat([train, pairs[part != 0]], ignore_index=True)
+        part = np.concatenate([np.zeros(len(train), int), part[part != 0]])
+        print(f"extra pairs: {len(extra)} of {extra_pairs_path} clear of the held-out prompts "
+              f"(positive rate {extra['label'].mean():.3f})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if stream is None:  # pairs only (e.g. NQ-hard): AUC / AP, no operating points
         files = {"train_pairs": out / "train_pairs.jsonl", "test_pairs": out / "test_pairs.jsonl"}
@@ -160,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stream", default=str(DATA / "streams" / "stream_qqp_dev.jsonl"),
                     help="stream of the pairs' prompts, or 'none' (pairs only: AUC / AP)")
     ap.add_argument("--recipes", default="base,bce_v0,default")
+    ap.add_argument("--extra-train-pairs", default=None,
+                    help="more labelled pairs for training only (e.g. nq_natural_dev.jsonl with NQ-hard): "
+                         "rows touching a held-out prompt or its positive neighbours are dropped")
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -170,7 +202,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = Path(args.out).resolve()
     data = split_data(Path(args.pairs), Path(args.stream) if args.stream != "none" else None, args.seed,
-                      out / "data")
+                      out / "data", Path(args.extra_train_pairs) if args.extra_train_pairs else None)
     print(f"split (question-disjoint): {data['sizes']}", flush=True)
     results_path = out / "recipes.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -8,6 +8,7 @@ that split a stream by group.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Hashable, Iterator, Sequence
 
 import numpy as np
@@ -79,16 +80,64 @@ def split_pairs(prompts_a: Sequence[str], prompts_b: Sequence[str], holdout: flo
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train_rows, holdout_rows): row indices of a question-disjoint split, ~``holdout`` of rows held out.
 
-    Raises ValueError when the pair graph is one component (nothing can be held out disjointly).
+    Whole connected components go to one side. When one component holds so many of the rows that
+    no deal of whole components comes near ``holdout`` (mined k-nearest-neighbour pairs are usually
+    one giant component), that component is cut instead (:func:`cut_component`): a breadth-first
+    region of its prompts is held out, and the pairs crossing the cut are in neither part (so the
+    two parts still share no prompt). Raises ValueError when no split with both parts non-empty
+    exists.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     comps = pair_components(prompts_a, prompts_b)
-    if len(np.unique(comps)) < 2:
+    ids, sizes = np.unique(comps, return_counts=True)
+    giant = int(ids[np.argmax(sizes)])
+    if sizes.max() > (1.0 - holdout / 2) * len(comps):
+        part = np.full(len(comps), -1, dtype=np.int64)
+        rest = np.flatnonzero(comps != giant)
+        if len(rest):
+            part[rest] = assign_components(comps[rest], [1.0 - holdout, holdout], seed)
+        rows = np.flatnonzero(comps == giant)
+        want = max(holdout * len(comps) - float((part == 1).sum()), 1.0) / len(rows)
+        held_prompts = cut_component([str(prompts_a[i]) for i in rows], [str(prompts_b[i]) for i in rows],
+                                     min(want, 0.5), seed)
+        inside = np.array([(str(prompts_a[i]) in held_prompts) + (str(prompts_b[i]) in held_prompts)
+                           for i in rows], dtype=np.int64)
+        part[rows[inside == 0]], part[rows[inside == 2]] = 0, 1
+    else:
+        part = assign_components(comps, [1.0 - holdout, holdout], seed)
+    train, held = np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+    if not len(train) or not len(held):
         raise ValueError("all pairs are connected through shared prompts: no question-disjoint "
                          "split exists (pass separate validation pairs)")
-    part = assign_components(comps, [1.0 - holdout, holdout], seed)
-    return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+    return train, held
+
+
+def cut_component(prompts_a: Sequence[str], prompts_b: Sequence[str], holdout: float,
+                  seed: int = 0) -> set[str]:
+    """The prompts to hold out of one connected pair graph: grown breadth-first from a seeded random
+    prompt until the pairs with both ends inside reach ``holdout`` of the rows. A breadth-first
+    region of a neighbourhood graph keeps most of its pairs inside, so few pairs cross the cut."""
+    neighbours: dict[str, list[str]] = {}
+    for a, b in zip(prompts_a, prompts_b):
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
+    nodes = list(neighbours)
+    rng = np.random.default_rng(seed)
+    want = holdout * len(prompts_a)
+    held: set[str] = set()
+    inside = 0
+    queue = deque([nodes[int(rng.integers(len(nodes)))]])
+    queued = set(queue)
+    while queue and inside < want:
+        node = queue.popleft()
+        held.add(node)
+        inside += sum(other in held for other in neighbours[node] if other != node) + neighbours[node].count(node) // 2
+        fresh = list(dict.fromkeys(n for n in neighbours[node] if n not in queued))
+        rng.shuffle(fresh)
+        queue.extend(fresh)
+        queued.update(fresh)
+    return held
 
 
 def prompt_groups(prompts_a: Sequence[str], prompts_b: Sequence[str],

@@ -38,6 +38,28 @@ def test_split_pairs_is_question_disjoint_and_near_the_fraction():
         split_pairs(["a", "b"], ["b", "a"], 0.5)
 
 
+def test_split_pairs_cuts_one_giant_neighbourhood_graph_and_stays_question_disjoint():
+    """Mined k-nearest-neighbour pairs form one component: the split cuts it, drops only the pairs
+    across the cut, and still shares no prompt between the parts."""
+    rng = np.random.default_rng(1)
+    points = rng.uniform(size=(600, 2))
+    a, b = [], []
+    for i, p in enumerate(points):
+        for j in np.argsort(np.square(points - p).sum(axis=1))[1:6]:  # each point's 5 nearest
+            a.append(f"q{i}")
+            b.append(f"q{j}")
+    a, b = a + ["x"], b + ["y"]  # and one small component elsewhere
+    assert len(set(pair_components(a, b).tolist())) <= 3
+    train, held = split_pairs(a, b, 0.15, seed=2)
+    assert not set(train) & set(held)
+    seen = {a[i] for i in train} | {b[i] for i in train}
+    assert not seen & ({a[i] for i in held} | {b[i] for i in held})
+    assert 0.1 < len(held) / len(a) < 0.25
+    assert len(train) + len(held) > 0.85 * len(a)  # few pairs cross the cut
+    again = split_pairs(a, b, 0.15, seed=2)
+    assert again[0].tolist() == train.tolist() and again[1].tolist() == held.tolist()
+
+
 def test_assign_components_keeps_components_whole():
     comps = np.repeat(np.arange(50), 3)
     part = assign_components(comps, [0.6, 0.2, 0.2], seed=1)
