@@ -13,7 +13,7 @@ What δ means (``bound``):
 
 How the threshold is chosen (:func:`fixed_sequence`). The labelled calibration stream is replayed in
 arrival order with the engine's decision rule (the offline simulator's sweep,
-:func:`raycache.simulation.offline.replay_sweep`: look up, hit when the nearest stored prompt of the
+:func:`raycache.simulation.replay.replay_sweep`: look up, hit when the nearest stored prompt of the
 scope has cosine ≥ t or the normalised text is stored, store on a miss) once per candidate threshold
 t. For each t that gives n_t trials and k_t failures (``per_request``: n_t = arrivals, k_t = false
 hits; ``among_hits``: n_t = hits, k_t = false hits), and the one-sided Clopper–Pearson upper bound
@@ -72,6 +72,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from raycache.cache.decision import hits as rule_hits
 from raycache.cache.policy import clopper_pearson_upper
 from raycache.config import ConfigError
 from raycache.policy_file import (  # noqa: F401  (re-exported: calibration's public names, as before)
@@ -151,13 +152,14 @@ class ThresholdCounts:
 def counts_from_outcomes(similarity: np.ndarray, wrong: np.ndarray, thresholds: Sequence[float],
                          exact: Optional[np.ndarray] = None) -> ThresholdCounts:
     """Counts when each arrival's best match does not depend on the threshold (synthetic streams,
-    tests): arrival i hits under t iff ``similarity[i]`` ≥ t (or ``exact[i]``), and a hit is false
+    tests): arrival i hits under t iff ``similarity[i]`` ≥ t (an ``exact[i]`` one at similarity 1:
+    :func:`raycache.cache.decision.hits`), and a hit is false
     iff ``wrong[i]``. ``similarity``/``wrong``/``exact`` [n]."""
     sims = np.asarray(similarity, np.float64)
     wrong = np.asarray(wrong, bool)
     exact = np.zeros(len(sims), bool) if exact is None else np.asarray(exact, bool)
     ts = np.sort(np.asarray(thresholds, np.float64))[::-1]
-    hit = (sims[None, :] >= ts[:, None]) | exact[None, :]
+    hit = rule_hits(sims[None, :], ts[:, None], exact[None, :])  # the engine's rule, [T, n]
     false = (hit & wrong[None, :] & ~exact[None, :]).sum(axis=1)
     hits = hit.sum(axis=1)
     return ThresholdCounts(ts, len(sims), hits, np.full(len(ts), int(exact.sum())), hits - false,
@@ -239,7 +241,7 @@ def stream_counts(stream, vectors: np.ndarray, thresholds: Optional[Sequence[flo
     """Replay a labelled stream (``prompt`` + ``group`` or ``answers``, optional ``namespace``) with
     the engine's decision rule under every threshold -> :class:`ThresholdCounts`.
 
-    The replay is the offline simulator's (:func:`raycache.simulation.offline.replay_sweep`: the
+    The replay is the offline simulator's (:func:`raycache.simulation.replay.replay_sweep`: the
     vectorized replay where exact, the engine one arrival at a time otherwise) and correctness is
     the simulator's (:func:`raycache.simulation.metrics.hit_correctness`). ``vectors`` [n, dim];
     ``cache``: the :class:`CacheConfig` to reproduce (default: unbounded, exact tier on);
@@ -248,7 +250,7 @@ def stream_counts(stream, vectors: np.ndarray, thresholds: Optional[Sequence[flo
     from raycache.config import CacheConfig
     from raycache.data import DataError
     from raycache.simulation.metrics import correctness_mode, hit_correctness
-    from raycache.simulation.offline import DEFAULT_CHUNK, ReplayStream, replay_sweep
+    from raycache.simulation.replay import DEFAULT_CHUNK, ReplayStream, replay_sweep
 
     mode = correctness_mode(stream)
     if mode == "unknown":
@@ -398,9 +400,8 @@ def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
 def run(cfg) -> dict:
     """``raycache calibrate``: replay ``cfg.stream`` under every candidate threshold, choose by
     fixed-sequence testing, write the policy file ``cfg.out``; returns a summary."""
-    from raycache.simulation import read_stream_frame
-    from raycache.simulation.offline import (arrival_times, embed_stream, load_embeddings,
-                                             resolve_model, _ensure_ray)
+    from raycache.simulation.embed import embed_stream, ensure_ray, load_embeddings, resolve_model
+    from raycache.simulation.replay import arrival_times, read_stream_frame
 
     started = time.perf_counter()
     stream = read_stream_frame(cfg)
@@ -408,7 +409,7 @@ def run(cfg) -> dict:
     if cfg.embeddings:
         vectors = load_embeddings(cfg.embeddings, len(stream))
     else:
-        _ensure_ray()
+        ensure_ray()
         out = Path(cfg.out)
         vectors = embed_stream(stream["prompt"].astype(str).tolist(),
                                cfg.encoder.model_copy(update={"model": model}),

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from raycache.cache.decision import EXACT_SIMILARITY, decide, exact_hit
 from raycache.cache.eviction import Eviction, LRUEviction
 from raycache.cache.persist import Snapshot, SnapshotError, read_snapshot, write_snapshot
 from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
@@ -243,12 +244,13 @@ class SemanticCache:
             for i, (scope, key) in enumerate(zip(scopes, keys)):
                 slot = self.entries.find_exact(scope, key) if key is not None else -1
                 if slot >= 0:  # the same text: similarity 1, which the policy still decides
-                    if self.policy.is_hit(1.0):
+                    if exact_hit(self.policy):
                         entry_id = self._touch(slot, now)
-                        pending.results[i] = LookupResult(True, self.entries.responses[slot], 1.0,
-                                                          self.entries.prompts[slot], entry_id, exact=True)
+                        pending.results[i] = LookupResult(True, self.entries.responses[slot],
+                                                          EXACT_SIMILARITY, self.entries.prompts[slot],
+                                                          entry_id, exact=True)
                     else:
-                        pending.results[i] = LookupResult(False, None, 1.0, None, None)
+                        pending.results[i] = LookupResult(False, None, EXACT_SIMILARITY, None, None)
                 elif scope not in self._roots:
                     pending.results[i] = MISS
                 else:
@@ -295,10 +297,12 @@ class SemanticCache:
         return results
 
     def _decide(self, similarity: float, entry_id: int, now: float) -> LookupResult:
+        """The policy's verdict on the nearest entry (``raycache.cache.decision``: the one rule)."""
         slot = self.entries.slot(entry_id) if entry_id >= 0 else -1
-        if slot < 0 or not math.isfinite(similarity):
+        verdict = decide(self.policy, similarity) if slot >= 0 else None
+        if verdict is None:
             return MISS
-        if not self.policy.is_hit(similarity):
+        if not verdict:
             return LookupResult(False, None, similarity, None, None)
         self._touch(slot, now)
         return LookupResult(True, self.entries.responses[slot], similarity, self.entries.prompts[slot],

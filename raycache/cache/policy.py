@@ -9,6 +9,8 @@
   the lowest threshold whose one-sided Clopper–Pearson bound on the share of wrong hits among pairs
   at or above it is at most δ.
 
+Every policy here is a threshold: ``is_hit`` is the one rule of :mod:`raycache.cache.decision`.
+
 Two meanings of δ, explicitly named: ``per_request`` bounds P(a request is answered from the cache
 with a response that does not answer it); ``among_hits`` bounds P(wrong | answered from the cache).
 """
@@ -23,6 +25,8 @@ from typing import Optional, Protocol, Sequence
 
 import numpy as np
 from scipy.stats import beta
+
+from raycache.cache.decision import meets
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ class StaticThreshold:
     threshold: float
 
     def is_hit(self, similarity: float) -> bool:
-        return similarity >= self.threshold
+        return meets(similarity, self.threshold)
 
     def describe(self) -> dict:
         return {"policy": "static", "threshold": self.threshold}
@@ -74,7 +78,7 @@ class PolicyThreshold:
     meta: dict = field(default_factory=dict)
 
     def is_hit(self, similarity: float) -> bool:
-        return similarity >= self.threshold
+        return meets(similarity, self.threshold)
 
     def describe(self) -> dict:
         return {"policy": "file", **self.meta,
@@ -105,7 +109,7 @@ class CalibratedThreshold:
         return math.isfinite(self.threshold)
 
     def is_hit(self, similarity: float) -> bool:
-        return similarity >= self.threshold
+        return meets(similarity, self.threshold)
 
     def describe(self) -> dict:
         """JSON-safe summary (threshold None when no threshold qualified)."""

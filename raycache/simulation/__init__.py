@@ -23,6 +23,7 @@ from pathlib import Path
 
 from raycache.config import SimulateConfig
 from raycache.io import strict_json, write_json_atomic
+from raycache.simulation.replay import read_stream_frame
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def split_by_group(stream, fraction: float = 0.5, seed: int = 0):
     from raycache.simulation.operating import split_by_group as _split_by_group
 
     return _split_by_group(stream, fraction, seed)
-
-
-def read_stream_frame(cfg: SimulateConfig):
-    """The stream as a validated DataFrame in arrival order (``raycache.data.read_stream``)."""
-    from raycache.data import parse_columns, read_stream
-
-    return read_stream(cfg.stream, columns=parse_columns(cfg.read.columns),
-                       skip_invalid=cfg.read.skip_invalid)
 
 
 def summarize(report: dict) -> dict:

@@ -36,7 +36,7 @@ def simulate_online(stream: pd.DataFrame, vectors: np.ndarray, threshold: float,
     from raycache.cache.policy import StaticThreshold
     from raycache.config import CacheConfig
     from raycache.simulation.metrics import Decisions, correctness_mode, hit_correctness
-    from raycache.simulation.offline import ReplayStream, single_threaded_math
+    from raycache.simulation.replay import ReplayStream, single_threaded_math
 
     mode = correctness_mode(stream)
     if mode == "unknown":
