@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raycache.io import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -242,22 +244,21 @@ class Encoder(torch.nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        write_text_atomic(out / "1_Pooling" / "config.json", json.dumps({
             "word_embedding_dimension": self.dim,
             "pooling_mode_cls_token": self.pooling == "cls",
             "pooling_mode_mean_tokens": self.pooling == "mean",
             "pooling_mode_max_tokens": self.pooling == "max",
             "pooling_mode_mean_sqrt_len_tokens": False,
         }, indent=2))
-        (out / "modules.json").write_text(json.dumps([
+        write_text_atomic(out / "modules.json", json.dumps([
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ], indent=2))
         (out / "2_Normalize").mkdir(exist_ok=True)
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.window, "do_lower_case": False}, indent=2))
+        write_text_atomic(out / "sentence_bert_config.json",
+                          json.dumps({"max_seq_length": self.window, "do_lower_case": False}, indent=2))
         return out
 
     # ---------------------------------------------------------------- properties

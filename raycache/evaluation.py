@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from raycache.config import EncoderConfig, EvaluateConfig
+from raycache.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,6 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     labels = pairs.loc[pairs["label"].notna(), "label"].to_numpy()
     plot_curves(sims, labels, out)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     return {name: {"auc": r["auc"], "average_precision": r["average_precision"]} for name, r in results.items()} | {
         "out": str(out)}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from raycache import progress
-from raycache.io import free_port
+from raycache.io import free_port, write_text_atomic
 from raycache.config import (EvaluateConfig, LabelConfig, MineConfig, PipelineConfig, ServeConfig,
                              SimulateConfig, TrainConfig)
 
@@ -177,7 +177,7 @@ def stage_simulate(cfg: PipelineConfig, lay: Layout, n: dict) -> dict:
                                            encoder=cfg.encoder, cache=cache, delta=cfg.delta))
     operating = _operating_points(cfg, lay, models, cache)
     progress.update(len(models))
-    (lay.sim / "operating.json").write_text(json.dumps(operating, indent=2, default=str))
+    write_text_atomic(lay.sim / "operating.json", json.dumps(operating, indent=2, default=str))
     return {"arrivals": result.get("arrivals"), "oracle_hit_rate": result.get("oracle_hit_rate"),
             "operating": operating, "report": result.get("report")}
 
@@ -427,7 +427,7 @@ def run(cfg: PipelineConfig, display: Optional[progress.Display] = None) -> dict
                 _STAGE_RESULTS[stage] = result
                 bar.note = f"{seconds:.0f} s · {stage_note(stage, result)}"
             done[stage] = {"seconds": seconds, "result": result}
-            lay.summary.write_text(json.dumps(done, indent=2, default=str))
+            write_text_atomic(lay.summary, json.dumps(done, indent=2, default=str))
     finally:
         display.stop()
     from raycache.report import write_report

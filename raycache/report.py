@@ -17,6 +17,8 @@ from typing import Any
 
 import os
 
+from raycache.io import write_text_atomic
+
 
 def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
@@ -210,8 +212,8 @@ def _markdown_to_html(md: str, out: Path) -> str:
 def write_report(lay, stages: dict, cfg, total_s: float) -> Path:
     """Write report.md, report.html, metrics.json and simulation.json at the top of the report folder."""
     md, _ = build_markdown(lay, stages, cfg, total_s)
-    (lay.out / "report.md").write_text(md)
-    (lay.out / "report.html").write_text(_markdown_to_html(md, lay.out))
+    write_text_atomic(lay.out / "report.md", md)
+    write_text_atomic(lay.out / "report.html", _markdown_to_html(md, lay.out))
     for src, name in ((lay.eval / "metrics.json", "metrics.json"), (lay.sim / "simulation.json", "simulation.json"),
                       (lay.sim / "operating.json", "operating.json")):
         if src.exists():

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from raycache.io import write_text_atomic
+
 HEAD_FILE = "similarity_head.json"
 
 
@@ -55,8 +57,7 @@ class SimilarityHead(nn.Module):
     def save(self, model_dir: str | os.PathLike) -> Path:
         """Write ``similarity_head.json`` ({"scale": λ, "bias": c}) into the model folder."""
         path = Path(model_dir) / HEAD_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.as_dict(), indent=2) + "\n")
         return path
 
     @classmethod

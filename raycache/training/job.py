@@ -24,6 +24,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from raycache.config import ConfigError, TrainConfig
+from raycache.io import write_text_atomic
 from raycache.training.loop import HISTORY_FILE, MODEL_DIR, TRAIN_DATASET, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def run(cfg: TrainConfig, *, train_loop=train_loop_per_worker) -> dict:
         "model": str(model_dir),
         "config": cfg.model_dump(),
     }
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "train_metrics.json", json.dumps(metrics, indent=2))
     plot_training(history, out / "training.png")
     logger.info("model (epoch %d) in %s; %.0f s", best_epoch["epoch"], model_dir, metrics["wall_s"])
     return {"model": str(model_dir), "best_epoch": best_epoch["epoch"],

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raycache.config import TrainConfig
+from raycache.io import write_text_atomic
 from raycache.progress import report_line
 from raycache.training.head import PairScorer, SimilarityHead
 from raycache.training.losses import InBatchContrastiveLoss, build_loss
@@ -221,7 +222,7 @@ def _save_checkpoint(out_dir: Path, scorer: PairScorer, optimizer, scheduler, ep
     scorer.head.save(model_dir)
     torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, out_dir / STATE_FILE)
-    (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    write_text_atomic(out_dir / HISTORY_FILE, json.dumps(history, indent=2))
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
