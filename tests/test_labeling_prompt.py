@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from raycache.labeling.prompt import (
     SYSTEM_MESSAGE,
     answer_of_token,
+    judge_answer,
     judge_messages,
     p_yes_from_logprobs,
     p_yes_from_side_logprobs,
@@ -73,3 +74,11 @@ def test_parse_yes_no_is_strict(text, label):
 def test_pair_too_long_counts_both_prompts():
     assert not pair_too_long("a" * 10, "b" * 10, 20)
     assert pair_too_long("a" * 10, "b" * 11, 20)
+
+
+def test_judge_answer_takes_logprobs_first_then_the_strict_text_parse():
+    # the log-probs win over a text that says the opposite
+    assert judge_answer([("yes", math.log(0.2)), ("no", math.log(0.6))], "yes") == (pytest.approx(0.25), None)
+    assert judge_answer([("The", -0.1)], " No. ") == (0.0, None)  # no answer token: the text decides
+    assert judge_answer([], "probably yes") == (None, "unparseable answer: 'probably yes'")
+    assert judge_answer([], None) == (None, "unparseable answer: ''")

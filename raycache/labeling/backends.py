@@ -45,10 +45,9 @@ from raycache.labeling.prompt import (
     ANSWERS,
     CONTEXT_TOO_LONG,
     describe_answer,
+    judge_answer,
     judge_messages,
-    p_yes_from_logprobs,
     pair_too_long,
-    parse_yes_no,
     token_word,
 )
 
@@ -391,15 +390,9 @@ def judgement_from_chat_response(body: Any) -> Judgement:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
         return None, "malformed response: no choices"
     choice = choices[0]
-    p = p_yes_from_logprobs(_top_logprobs_of_first_token(choice))
-    if p is not None:
-        return p, None
     message = choice.get("message")
     text = message.get("content") if isinstance(message, Mapping) else None
-    p = parse_yes_no(text)
-    if p is None:
-        return None, f"unparseable answer: {describe_answer(text)}"
-    return p, None
+    return judge_answer(_top_logprobs_of_first_token(choice), text)
 
 
 class OpenAITeacher(BatchTeacher):

@@ -124,3 +124,16 @@ def describe_answer(text: Optional[str], limit: int = 80) -> str:
     """A short, safe rendering of a teacher's text for an error message."""
     shown = repr(text if text is not None else "")
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def judge_answer(first_token: Iterable[tuple[str, float]],
+                 text: Optional[str]) -> tuple[Optional[float], Optional[str]]:
+    """A teacher's answer -> judgement ``(P(yes), None)`` or ``(None, error)``: from the first
+    answer token's (token text, log-probability) alternatives (:func:`p_yes_from_logprobs`), else
+    the strict parse of the answer's text (:func:`parse_yes_no`); neither gives "unparseable answer"."""
+    p = p_yes_from_logprobs(first_token)
+    if p is None:
+        p = parse_yes_no(text)
+        if p is None:
+            return None, f"unparseable answer: {describe_answer(text)}"
+    return p, None

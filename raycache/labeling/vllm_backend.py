@@ -24,15 +24,8 @@ import numpy as np
 
 from raycache.config import LabelConfig
 from raycache.labeling.base import LABEL_COLUMNS, Judgement, Teacher, TeacherError, with_label_columns
-from raycache.labeling.prompt import (
-    ANSWERS,
-    CONTEXT_TOO_LONG,
-    describe_answer,
-    judge_messages,
-    p_yes_from_logprobs,
-    pair_too_long,
-    parse_yes_no,
-)
+from raycache.labeling.prompt import (ANSWERS, CONTEXT_TOO_LONG, describe_answer, judge_answer, judge_messages,
+                                      pair_too_long)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -120,13 +113,7 @@ def judgement_from_engine_row(row: Mapping[str, Any]) -> Judgement:
     """A processed row -> judgement: the first token's log-probs, else the constrained text."""
     if row.get(TOO_LONG_COLUMN):
         return None, CONTEXT_TOO_LONG
-    p = p_yes_from_logprobs(first_token_alternatives(row.get("logprobs")))
-    if p is None:
-        text = row.get("generated_text")
-        p = parse_yes_no(text)
-        if p is None:
-            return None, f"unparseable answer: {describe_answer(text)}"
-    return p, None
+    return judge_answer(first_token_alternatives(row.get("logprobs")), row.get("generated_text"))
 
 
 def postprocess_row(row: dict[str, Any], columns: list[str], teacher: str) -> dict[str, Any]:
