@@ -397,6 +397,14 @@ def fit_policy(counts: ThresholdCounts, delta: float, confidence: float = 0.95,
 
 
 # ----------------------------------------------------------------------------- the job
+def resolve_horizon(horizon: Optional[int], bound: str, arrivals: int) -> Optional[int]:
+    """The window (requests) a calibrate run bounds: ``horizon`` as configured, 0 = the
+    calibration stream's ``arrivals``; None for the long-run rate and for the among-hits bound."""
+    if horizon is None or bound != "per_request":
+        return None
+    return arrivals if horizon == 0 else horizon
+
+
 def run(cfg) -> dict:
     """``raycache calibrate``: replay ``cfg.stream`` under every candidate threshold, choose by
     fixed-sequence testing, write the policy file ``cfg.out``; returns a summary."""
@@ -417,7 +425,7 @@ def run(cfg) -> dict:
     counts = stream_counts(stream, vectors, cfg.thresholds or None, cfg.cache, cfg.replay,
                            times=arrival_times(stream, None), clusters=cfg.clusters)
     policy = fit_policy(counts, cfg.target_false_hit, cfg.confidence, cfg.bound, model,
-                        cfg.stream, cfg.encoder.max_length, cfg.horizon)
+                        cfg.stream, cfg.encoder.max_length, resolve_horizon(cfg.horizon, cfg.bound, len(stream)))
     path = policy.write(cfg.out)
     if policy.qualified:
         logger.info("calibrated threshold %.4f: %s false-hit bound %.4f <= %g at %.0f%% confidence "

@@ -344,9 +344,11 @@ class CalibrateConfig(_Base):
     clusters: Literal["confusion", "group", "none"] = Field("confusion", description=(
         "Correlated arrivals widen the bound by their design effect: confusion = groups joined by "
         "their false hits; group = each arrival's group; none = independent arrivals (binomial)."))
-    horizon: Optional[int] = Field(None, ge=1, description=(
+    horizon: Optional[int] = Field(0, ge=0, description=(
         "Bound the realised false-hit rate over the next N requests (a finite window: a day's "
-        "traffic, a test stream) instead of the traffic's rate; stricter. per_request only."))
+        "traffic, a test stream): 0 = as many as the calibration stream has arrivals; none = bound "
+        "the traffic's long-run rate instead (looser: a window's realised rate may exceed δ). "
+        "per_request only (ignored for among_hits)."))
 
 
 class PipelineConfig(_Base):

@@ -210,6 +210,17 @@ def test_calibrate_writes_a_policy_that_simulate_and_the_engine_load(tmp_path, f
         [t["threshold"] for t in policy["tested"]], reverse=True)
     assert policy["tested"][-1]["ucb"] > 0.05 or policy["tested"][-1]["threshold"] == min(GRID)
     assert summary["at_threshold"]["false_hits"] == policy["n_false_hits"]
+    # by default the bound covers the realised rate of a window as long as the calibration stream;
+    # --horizon none bounds the long-run rate only (looser: never a higher threshold)
+    assert policy["horizon"] == 600
+    long_run = tmp_path / "policy_long_run.json"
+    assert run_job("calibrate", ["--stream", str(stream), "--model", str(fake_model),
+                                 "--embeddings", str(emb), "--target-false-hit", "0.05",
+                                 "--horizon", "none", "--out", str(long_run)]) == 0
+    capsys.readouterr()
+    loose = json.loads(long_run.read_text())
+    assert loose["horizon"] is None and loose["threshold"] <= policy["threshold"]
+    assert cal.resolve_horizon(0, "among_hits", 600) is None and cal.resolve_horizon(50, "per_request", 600) == 50
 
     # simulate --policy replays with the file's threshold (nothing refitted) and reports the result
     test_stream, test_emb = _write_stream(tmp_path, "test", seed=2)
