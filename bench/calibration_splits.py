@@ -35,8 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--clusters", default="none,group,confusion")
     ap.add_argument("--horizons", default="none",
-                    help="comma list: none (bound the traffic's rate), test (the realised rate over "
-                         "the test half's length) or a number of requests; one rule per clusters×horizon")
+                    help="comma list: none (bound the traffic's rate), calibration (the realised rate "
+                         "over as many requests as the calibration half: raycache calibrate's default), "
+                         "test (over the test half's length) or a number of requests; one rule per "
+                         "clusters×horizon")
     args = ap.parse_args(argv)
     from raycache.data import read_stream
     from raycache.encoder import Encoder
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         if cache is not None:
             np.save(cache, vectors)
     grid = [round(0.85 + 0.005 * i, 3) for i in range(30)]
-    horizons = [None if h == "none" else h if h == "test" else int(h) for h in args.horizons.split(",")]
+    horizons = [None if h == "none" else h if h in ("test", "calibration") else int(h)
+                for h in args.horizons.split(",")]
     rules = [f"{c}" if h is None else f"{c}, horizon={h}" for c in args.clusters.split(",") for h in horizons]
     settings = {f"{c}" if h is None else f"{c}, horizon={h}": (c, h)
                 for c in args.clusters.split(",") for h in horizons}

@@ -312,6 +312,13 @@ def test_operating_point_on_disjoint_streams():
     from raycache.simulation import operating_point_split
 
     assert operating_point_split(stream, vecs, "toy", deltas=(0.01, 0.05))["deltas"] == result["deltas"]
+    # calibrate's default rule: the realised rate over as many requests as the calibration stream
+    windowed = operating_point(calib, test, "toy", calib_vectors=vecs[mask], test_vectors=vecs[~mask],
+                               deltas=(0.01, 0.05), horizon="calibration")
+    assert windowed["horizon"] == mask.sum()
+    for loose, strict in zip(result["deltas"], windowed["deltas"]):
+        t_loose, t_strict = loose["fixed_sequence"]["threshold"], strict["fixed_sequence"]["threshold"]
+        assert t_strict is None or (t_loose is not None and t_strict >= t_loose)
     with pytest.raises(DataError, match="share"):
         operating_point(stream, stream, calib_vectors=vecs, test_vectors=vecs)
 

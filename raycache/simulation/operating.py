@@ -125,7 +125,8 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     replay (default unbounded, exact tier on); ``clusters``: how the calibration bound counts
     correlated arrivals (:func:`raycache.calibration.stream_counts`); ``horizon``: None bounds the
     traffic's false-hit rate, an int the realised rate over that many requests, ``"test"`` over the
-    test stream's length (:func:`raycache.calibration.realised_upper`).
+    test stream's length, ``"calibration"`` over the calibration stream's (``raycache calibrate``'s
+    default; :func:`raycache.calibration.realised_upper`).
 
     Returns a JSON-safe dict: ``calibration`` / ``test`` (arrivals, oracle hit rate), ``confidence``,
     and ``deltas``: one entry per δ with ``fixed_sequence`` (threshold, ``calibration_ucb``, the test
@@ -156,8 +157,8 @@ def operating_point(calib: Union[pd.DataFrame, str], test: Union[pd.DataFrame, s
     cal = stream_counts(calib_frame, calib_vectors, grid, cache, clusters=clusters)
     tst = stream_counts(test_frame, test_vectors, grid, cache, clusters="none")  # read, not bounded
     at = {float(t): i for i, t in enumerate(tst.thresholds)}
-    if horizon == "test":
-        horizon = tst.arrivals
+    if horizon in ("test", "calibration"):
+        horizon = tst.arrivals if horizon == "test" else cal.arrivals
     out: dict = {
         "model": model or "default",
         "calibration": {"arrivals": cal.arrivals, "oracle_hit_rate": float(oracle_hits(calib_frame).mean())},
