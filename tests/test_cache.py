@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raycache.cache import (LRUEviction, PeriodicSnapshot, Scope, SemanticCache, SnapshotError,
-                            StaticThreshold, chat_key, history_hash, make_scope, quarantine)
+                            StaticThreshold, history_hash, make_scope, quarantine)
 from raycache.cache import persist
 from raycache.config import CacheConfig
 
@@ -200,24 +200,6 @@ def test_history_hash_is_canonical():
     assert history_hash(a) == history_hash(b) != history_hash([{"role": "assistant", "content": "hi"}])
     assert history_hash(None) == history_hash([]) == ""
     assert make_scope("ns", a) == Scope("ns", history_hash(a))
-
-
-def test_chat_key_covers_model_system_prompt_and_earlier_turns():
-    def messages(system, first):
-        return [{"role": "system", "content": system}, {"role": "user", "content": first},
-                {"role": "assistant", "content": "..."}, {"role": "user", "content": "What are its types?"}]
-
-    base = chat_key(messages("Be brief.", "Tell me about Python"), "m1")
-    assert base.prompt == "What are its types?"
-    others = [chat_key(messages("Be brief.", "Tell me about snakes"), "m1"),
-              chat_key(messages("Be verbose.", "Tell me about Python"), "m1"),
-              chat_key(messages("Be brief.", "Tell me about Python"), "m2"),
-              chat_key(messages("Be brief.", "Tell me about Python"), "m1", {"tools": [{"x": 1}]})]
-    assert len({history_hash(k.history) for k in [base, *others]}) == 5
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert chat_key(parts, "m").prompt == "a\nb"
-    assert chat_key([{"role": "assistant", "content": "x"}], "m") is None
-    assert chat_key([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "m") is None
 
 
 PROMPTS = ["the cat sat", "the cat sat down", "a dog ran", "dogs run fast", "the cat"]

@@ -14,8 +14,9 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
-from raycache.cache import SemanticCache, StaticThreshold
+from raycache.cache import SemanticCache, StaticThreshold, history_hash
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest
+from raycache.service.chat_scope import ChatKeyPolicy, chat_key
 from raycache.service.upstream import UpstreamClient, chat_completions_url
 from tests.test_cache import DIM, HashingEncoder
 
@@ -182,6 +183,48 @@ def test_store_lookup_batch_stats_clear(api):
 
 
 # ----------------------------------------------------------------------------- chat proxy
+def test_chat_key_covers_model_system_prompt_and_earlier_turns():
+    def messages(system, first):
+        return [{"role": "system", "content": system}, {"role": "user", "content": first},
+                {"role": "assistant", "content": "..."}, {"role": "user", "content": "What are its types?"}]
+
+    base = chat_key(messages("Be brief.", "Tell me about Python"), "m1")
+    assert base.prompt == "What are its types?"
+    others = [chat_key(messages("Be brief.", "Tell me about snakes"), "m1"),
+              chat_key(messages("Be verbose.", "Tell me about Python"), "m1"),
+              chat_key(messages("Be brief.", "Tell me about Python"), "m2"),
+              chat_key(messages("Be brief.", "Tell me about Python"), "m1", {"tools": [{"x": 1}]})]
+    assert len({history_hash(k.history) for k in [base, *others]}) == 5
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert chat_key(parts, "m").prompt == "a\nb"
+    assert chat_key([{"role": "assistant", "content": "x"}], "m") is None
+    assert chat_key([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "m") is None
+
+
+def test_chat_key_policy_keys_answer_changing_fields_and_names_why_a_request_bypasses():
+    policy = ChatKeyPolicy(["temperature", "model", "n", "tools", "tool_choice"], ["user"])
+    assert policy.info() == {"keyed_fields": ["model", "messages", "n", "temperature", "tool_choice", "tools"],
+                             "unkeyed_fields": ["stream", "stream_options", "user"], "other_fields": "bypass",
+                             "cache_tools": False, "cache_n": False}
+    messages = [{"role": "user", "content": "hi there"}]
+    cold, _ = policy.key({"model": "m", "messages": messages, "temperature": 0})
+    warm, _ = policy.key({"model": "m", "messages": messages, "temperature": 1})
+    same, _ = policy.key({"model": "m", "messages": messages, "temperature": 0, "user": "u", "stream": True})
+    assert cold.prompt == "hi there" and history_hash(cold.history) == history_hash(same.history)
+    assert history_hash(cold.history) != history_hash(warm.history)
+    for extra, reason in (({"seed": 1}, "seed are neither keyed"), ({"n": 2}, "n > 1"),
+                          ({"tools": [{"type": "function"}]}, "offers tools"),
+                          ({"tool_choice": "auto"}, "offers tools")):
+        key, why = policy.key({"model": "m", "messages": messages, **extra})
+        assert key is None and reason in why
+    assert policy.key({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}) == (
+        None, "the last message is not a text user message")
+    lenient = ChatKeyPolicy(["n", "tools"], [], cache_tools=True, cache_n=True)
+    assert lenient.key({"model": "m", "messages": messages, "n": 2, "tool_choice": "auto"})[0] is None  # unknown
+    key, why = lenient.key({"model": "m", "messages": messages, "n": 2, "tools": [{"type": "function"}]})
+    assert why is None and key.history[0] == {"context": {"model": "m", "n": 2, "tools": [{"type": "function"}]}}
+
+
 def chat(api, prompt, namespace=None, model="m", earlier=(), **extra):
     messages = [{"role": "system", "content": "Be brief."}, *earlier, {"role": "user", "content": prompt}]
     headers = {**AUTH, **({"x-raycache-namespace": namespace} if namespace else {})}

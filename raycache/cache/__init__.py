@@ -5,12 +5,11 @@ from raycache.cache.engine import LookupResult, PendingLookup, SemanticCache, po
 from raycache.cache.eviction import LRUEviction
 from raycache.cache.persist import PeriodicSnapshot, Snapshot, SnapshotError, quarantine
 from raycache.cache.policy import CalibratedThreshold, StaticThreshold, clopper_pearson_upper
-from raycache.cache.scope import Scope, chat_key, history_hash, make_scope
+from raycache.cache.scope import Scope, history_hash, make_scope
 from raycache.cache.store import Entry, EntryStore
 
 __all__ = [
     "CalibratedThreshold", "Entry", "EntryStore", "LRUEviction", "LookupResult", "PendingLookup",
     "PeriodicSnapshot", "Scope", "SemanticCache", "Snapshot", "SnapshotError", "StaticThreshold",
-    "chat_key", "clopper_pearson_upper", "history_hash", "make_scope", "policy_from_config",
-    "quarantine",
+    "clopper_pearson_upper", "history_hash", "make_scope", "policy_from_config", "quarantine",
 ]
