@@ -43,9 +43,11 @@ import numpy as np
 
 from raycache.cache.decision import EXACT_SIMILARITY, decide, exact_hit
 from raycache.cache.eviction import Eviction, LRUEviction
-from raycache.cache.persist import Snapshot, SnapshotError, read_snapshot, write_snapshot
+from raycache.cache.journal import Changes, Journal
+from raycache.cache.persist import Snapshot, SnapshotError, write_snapshot
 from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
 from raycache.cache.scope import Scope, make_scope, tail_key
+from raycache.cache.segments import read_persisted
 from raycache.cache.store import EntryStore, EntryStoreProtocol, text_key
 from raycache.config import CacheConfig, ConfigError
 from raycache.index import VectorIndex, make_index
@@ -188,6 +190,7 @@ class SemanticCache:
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "stores",
                                       "replaced", "evictions", "expirations"), 0)
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._journal: Optional[Journal] = None  # changes since the last flush, while a log is attached
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -313,6 +316,8 @@ class SemanticCache:
         entry_id = int(self.entries.ids[slot])
         self.entries.touch(slot, now)
         self.eviction.touch(entry_id)
+        if self._journal is not None:
+            self._journal.used(entry_id)
         return entry_id
 
     def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -386,6 +391,8 @@ class SemanticCache:
                 entry_id = self._next_id
                 self._next_id += 1
                 self._insert(entry_id, prompt, response, scope, key, now, expires_at)
+                if self._journal is not None:
+                    self._journal.stored(entry_id, vecs[row])
                 self._index_for(scope).add(np.array([entry_id], np.int64), vecs[row:row + 1])
                 ids.append(entry_id)
                 for victim in self.eviction.pop_over_capacity():
@@ -418,6 +425,8 @@ class SemanticCache:
         if scope is None:
             return False
         self.eviction.forget(entry_id)
+        if self._journal is not None:
+            self._journal.dropped(entry_id)
         if not self.entries.scope_size(scope):
             del self._indexes[scope]
             root = scope.root
@@ -499,13 +508,53 @@ class SemanticCache:
                 responses=[store.responses[slot] for slot in slots.tolist()],
                 namespaces=[scope.namespace for scope in scopes],
                 history_hashes=[scope.history_hash for scope in scopes],
-                meta={"dim": self.dim, "next_id": self._next_id, "model": self.model_tag,
-                      "saved_at": self.clock()},
+                meta=self._snapshot_meta(),
             )
 
-    def restore_snapshot(self, snap: Snapshot) -> int:
+    def _snapshot_meta(self) -> dict:
+        return {"dim": self.dim, "next_id": self._next_id, "model": self.model_tag, "saved_at": self.clock()}
+
+    def start_journal(self) -> None:
+        """Record every change from now on for :meth:`take_changes` (a segment log's flushes); a
+        cache that already holds entries hands them all over at the first take."""
+        with self._lock:
+            if self._journal is None:
+                self._journal = Journal(full=len(self.entries) > 0)
+
+    def take_changes(self, full: bool = False) -> Changes:
+        """The changes since the previous take, O(changes) under the lock (never O(entries)); with
+        ``full``, or after a restore from elsewhere, the whole cache (``snapshot()``). RuntimeError
+        unless :meth:`start_journal` was called."""
+        with self._lock:
+            if self._journal is None:
+                raise RuntimeError("take_changes needs start_journal() first")
+            self._purge_expired(self.clock())
+            journal, self._journal = self._journal, Journal()
+            if full or journal.full:
+                return Changes(self.snapshot(), full=True)
+            store = self.entries
+            order = np.fromiter(journal.order, np.int64, len(journal.order))
+            slots = np.fromiter((store.slot(i) for i in journal.order), np.int64, len(order))
+            stored = np.fromiter((i in journal.vectors for i in journal.order), bool, len(order))
+            new = slots[stored].tolist()
+            scopes = [store.scope_of(slot) for slot in new]
+            last_access = store.last_access[slots]
+            entries = Snapshot(
+                ids=order[stored], vectors=np.zeros((0, self.dim), np.float32),
+                created_at=store.created_at[new], last_access=last_access[stored],
+                expires_at=store.expires_at[new], prompts=[store.prompts[slot] for slot in new],
+                responses=[store.responses[slot] for slot in new],
+                namespaces=[scope.namespace for scope in scopes],
+                history_hashes=[scope.history_hash for scope in scopes], meta=self._snapshot_meta())
+        if len(entries):  # the taken journal is ours alone now: stack its vectors outside the lock
+            entries.vectors = np.stack([journal.vectors[i] for i in entries.ids.tolist()])
+        return Changes(entries, order, last_access, np.asarray(journal.removed, np.int64), stored)
+
+    def restore_snapshot(self, snap: Snapshot, in_log: bool = False) -> int:
         """Replace the contents with ``snap``'s (expired entries dropped, capacity enforced);
-        returns the number of entries kept. SnapshotError if it belongs to another encoder."""
+        returns the number of entries kept. SnapshotError if it belongs to another encoder.
+        ``in_log``: ``snap`` is what the attached segment log holds, so the next ``take_changes``
+        needs only the drops made here (else, while journaling, it is the whole cache)."""
         if snap.meta.get("dim") != self.dim:
             raise SnapshotError(f"snapshot vectors have dim {snap.meta.get('dim')}, this cache {self.dim} "
                                 f"(saved with another encoder?)")
@@ -524,19 +573,27 @@ class SemanticCache:
             self.eviction.clear()
             self._indexes.clear()
             self._roots.clear()
-            scopes = [Scope(ns, h) for ns, h in zip(snap.namespaces, snap.history_hashes)]
+            if self._journal is not None:
+                self._journal = Journal(full=not in_log)
+            codes: dict[tuple[str, str], int] = {}  # (namespace, history hash) -> scope number
+            code_of = [codes.setdefault(pair, len(codes)) for pair in zip(snap.namespaces, snap.history_hashes)]
+            distinct = [Scope(ns, h) for ns, h in codes]  # one Scope object per scope, not per entry
+            root_codes: dict[Scope, int] = {}
+            root_of = [root_codes.setdefault(scope.root, len(root_codes)) for scope in distinct]
             keys = [text_key(prompt, self.exact_casefold) for prompt in snap.prompts]
             newest = {}  # a newer duplicate wins (lists are oldest first)
-            for i, (scope, key) in enumerate(zip(scopes, keys)):
-                newest[(scope.root, key)] = i
-            rows_of: dict[Scope, list[int]] = {}
+            for i, (code, key) in enumerate(zip(code_of, keys)):
+                newest[(root_of[code], key)] = i
+            ids, created = snap.ids.tolist(), snap.created_at.tolist()  # Python numbers, once
+            last_access, expires_at = snap.last_access.tolist(), snap.expires_at.tolist()
+            rows_of: dict[int, list[int]] = {}
             for i in sorted(newest.values()):
-                expires = float(snap.expires_at[i])
-                self._insert(int(snap.ids[i]), snap.prompts[i], snap.responses[i], scopes[i], keys[i],
-                             float(snap.created_at[i]), None if math.isnan(expires) else expires,
-                             last_access=float(snap.last_access[i]))
-                rows_of.setdefault(scopes[i], []).append(i)
-            for scope, rows in rows_of.items():  # one batched add per scope index
+                expires = expires_at[i]
+                self._insert(ids[i], snap.prompts[i], snap.responses[i], distinct[code_of[i]], keys[i],
+                             created[i], None if math.isnan(expires) else expires, last_access=last_access[i])
+                rows_of.setdefault(code_of[i], []).append(i)
+            for code, rows in rows_of.items():  # one batched add per scope index
+                scope = distinct[code]
                 self._index_for(scope).add(snap.ids[rows].astype(np.int64), vectors[rows])
             self._next_id = max(int(snap.meta.get("next_id", 1)), int(snap.ids.max(initial=0)) + 1)
             self._purge_expired(self.clock())
@@ -551,13 +608,14 @@ class SemanticCache:
         return write_snapshot(path, self.snapshot())
 
     def restore(self, path: Union[str, Path]) -> int:
-        """Load ``path`` into this cache (FileNotFoundError if absent, SnapshotError if bad)."""
-        return self.restore_snapshot(read_snapshot(path))
+        """Load ``path`` (a snapshot file or a local segment log folder) into this cache
+        (FileNotFoundError if absent, SnapshotError if bad)."""
+        return self.restore_snapshot(read_persisted(path))
 
     @classmethod
     def load(cls, path: Union[str, Path], encoder: Any = None, **kwargs: Any) -> "SemanticCache":
         """A new cache (``kwargs`` as for ``__init__``, dim from the file) holding the snapshot."""
-        snap = read_snapshot(path)
+        snap = read_persisted(path)
         cache = cls(encoder, snap.meta["dim"], **kwargs)
         cache.restore_snapshot(snap)
         return cache
