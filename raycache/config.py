@@ -271,6 +271,9 @@ class ServeConfig(_Base):
     embedder_num_gpus: float = Field(0.0, ge=0)
     serve_batch_size: int = Field(64, ge=1)
     serve_batch_wait_s: float = Field(0.005, ge=0)
+    shards: int = Field(1, ge=1, le=64, description=(
+        "Cache engine replicas; a namespace lives on one (hash routing). Capacity is per shard; each "
+        "shard persists to <persist_path>.shard-<i>-of-<N>."))
     blocking: bool = Field(True, description="Keep the process alive serving until Ctrl-C.")
     write_serve_config: Optional[str] = Field(
         None, description="Write a `serve deploy` YAML for this config to this path and exit.")

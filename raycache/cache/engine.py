@@ -622,6 +622,23 @@ class SemanticCache:
 
 
 # ---------------------------------------------------------------------------- policies from config
+class PrecomputedEncoder:
+    """An encoder over vectors computed elsewhere (``texts[i]`` -> ``vectors[i]``, float32
+    [n, dim]), with the model ``source`` they came from: lets :func:`policy_from_config` run where
+    embedding is remote (the Serve replica embeds through the Embedder first). KeyError for a text
+    it was not given."""
+
+    def __init__(self, texts: Sequence[str], vectors: Optional[np.ndarray], source: Optional[str] = None):
+        self.source = source
+        self._rows = {text: i for i, text in enumerate(texts)}
+        self._vectors = np.zeros((0, 0), np.float32) if vectors is None else np.asarray(vectors, np.float32)
+        if len(self._vectors) != len(self._rows):
+            raise ValueError(f"{len(self._vectors)} vectors for {len(self._rows)} distinct texts")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._vectors[[self._rows[text] for text in texts]]
+
+
 def row_cosines(vectors_a: np.ndarray, vectors_b: np.ndarray) -> np.ndarray:
     """Cosine of each row pair of two [n, dim] arrays -> float64 [n]."""
     a = _unit_vectors(vectors_a, len(vectors_a), np.shape(vectors_a)[-1])

@@ -5,8 +5,10 @@
   key of the prompt's text beyond the model's window, which scopes long prompts (an exact match).
 * ``CacheEngine``: one stateful replica owning the SemanticCache; loads the snapshot on start,
   saves it every ``persist_interval_s`` when changed and on shutdown; exports Ray metrics
-  (Prometheus through Ray's metrics agent), gauges updated on every request.
-* ``Ingress``: the FastAPI app of :mod:`raycache.service.api`.
+  (Prometheus through Ray's metrics agent, tagged with the shard), gauges updated on every request.
+  With ``shards`` N > 1 there are N of them (``CacheEngine-0`` … ``CacheEngine-{N-1}``, one replica
+  each, each persisting to its own path); a namespace lives on one (:mod:`raycache.service.shards`).
+* ``Ingress``: the FastAPI app of :mod:`raycache.service.api` over the shard(s).
 
 ``build_app(cfg)`` returns the bound application; ``app_builder(args)`` is the ``import_path`` target
 of the ``serve deploy`` YAML (:mod:`raycache.service.serve_config`); ``run(cfg)`` is
@@ -26,14 +28,14 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raycache.cache.engine import SemanticCache, load_calibration_pairs, row_cosines
+from raycache.cache.engine import PrecomputedEncoder, SemanticCache, load_calibration_pairs, policy_from_config
 from raycache.cache.persist import PeriodicSnapshot, SnapshotError, quarantine
-from raycache.cache.policy import CalibratedThreshold
 from raycache.config import CacheConfig, ConfigError, EncoderConfig, ServeConfig
 from raycache.cache.scope import tail_key
 from raycache.io import free_port
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest, read_api_keys
 from raycache.service.serve_config import APP_NAME, deployment_options
+from raycache.service.shards import ShardedBackend, engine_deployment_name, shard_persist_path
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +86,21 @@ class Embedder:
 class _EngineMetrics:
     """Ray metrics of the cache (exported to Prometheus by Ray's metrics agent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shard: int = 0) -> None:
         from ray.util import metrics
 
         self.lookups = metrics.Counter("raycache_lookups", "Prompts looked up, by result.",
-                                       tag_keys=("result",))
+                                       tag_keys=("result", "shard"))
         self.latency = metrics.Histogram("raycache_lookup_latency_ms",
                                          "Lookup call latency incl. embedding (ms).",
-                                         boundaries=LATENCY_BUCKETS_MS)
-        self.stores = metrics.Counter("raycache_stores", "Responses stored.")
+                                         boundaries=LATENCY_BUCKETS_MS, tag_keys=("shard",))
+        self.stores = metrics.Counter("raycache_stores", "Responses stored.", tag_keys=("shard",))
         self.removed = metrics.Counter("raycache_removed_entries", "Entries evicted or expired.",
-                                       tag_keys=("reason",))
-        self.entries = metrics.Gauge("raycache_entries", "Entries in the cache.")
+                                       tag_keys=("reason", "shard"))
+        self.entries = metrics.Gauge("raycache_entries", "Entries in the cache (of this shard).",
+                                     tag_keys=("shard",))
+        for metric in (self.lookups, self.latency, self.stores, self.removed, self.entries):
+            metric.set_default_tags({"shard": str(shard)})
         self._seen = {"evictions": 0, "expirations": 0}
 
     def record_lookups(self, results: list[dict], latency_ms: float) -> None:
@@ -120,40 +125,41 @@ class _EngineMetrics:
 
 @serve.deployment(name="CacheEngine", num_replicas=1, max_ongoing_requests=1024)
 class CacheEngine:
-    """The one stateful replica: a SemanticCache fed vectors by the Embedder."""
+    """A stateful replica: a SemanticCache fed vectors by the Embedder (shard ``shard`` of
+    ``shards``: it holds the namespaces that hash to it and persists to its own path)."""
 
-    async def __init__(self, embedder: DeploymentHandle, cache_cfg: dict, tag: str):
+    async def __init__(self, embedder: DeploymentHandle, cache_cfg: dict, tag: str, shard: int = 0,
+                       shards: int = 1):
         cfg = CacheConfig(**cache_cfg)
         self.embedder = embedder
         dim = await embedder.dim.remote()
         self.window = await embedder.window.remote() if hasattr(embedder, "window") else None
         self.tag = tag
+        self.shard = shard
         policy = await self._policy(cfg)
         self.cache = SemanticCache.from_config(cfg, encoder=None, dim=dim, policy=policy, model_tag=tag)
         self.backend = EngineBackend(self.cache, embed=self._embed)
-        self.metrics = _EngineMetrics()
+        self.metrics = _EngineMetrics(shard)
         self.snapshot_status = {"loaded_entries": 0, "load_error": None, "quarantined_to": None}
         self.saver: Optional[PeriodicSnapshot] = None
-        if cfg.persist_path:
-            await asyncio.to_thread(self._load, cfg.persist_path)
-            self.saver = PeriodicSnapshot(cfg.persist_path, self.cache.snapshot,
+        persist_path = shard_persist_path(cfg.persist_path, shard, shards)
+        if persist_path:
+            await asyncio.to_thread(self._load, persist_path)
+            self.saver = PeriodicSnapshot(persist_path, self.cache.snapshot,
                                           lambda: self.cache.version, cfg.persist_interval_s).start()
 
     async def _embed(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
         return await self.embedder.embed_with_tails.remote(texts)
 
     async def _policy(self, cfg: CacheConfig):
-        if cfg.policy_file:  # calibrated offline by `raycache calibrate`; never refitted here
-            from raycache.calibration import load_policy
-
-            return load_policy(cfg.policy_file, self.tag).decision_policy(cfg.policy_file)
-        if cfg.policy != "calibrated":
-            return None  # from_config builds the static policy
-        if not cfg.calibration_pairs:
-            raise ConfigError("cache.policy 'calibrated' needs cache.calibration_pairs")
-        prompts_a, prompts_b, labels = load_calibration_pairs(cfg.calibration_pairs)
-        sims = row_cosines((await self._embed(prompts_a))[0], (await self._embed(prompts_b))[0])
-        return CalibratedThreshold.fit(sims, labels, cfg.target_false_hit, cfg.confidence)
+        """The decision policy of ``cfg`` (:func:`policy_from_config`, the one place it is built);
+        the calibration pairs of a pair-calibrated policy are embedded by the Embedder first."""
+        texts: list[str] = []
+        if cfg.policy == "calibrated" and not cfg.policy_file and cfg.calibration_pairs:
+            prompts_a, prompts_b, _ = await asyncio.to_thread(load_calibration_pairs, cfg.calibration_pairs)
+            texts = list(dict.fromkeys(prompts_a + prompts_b))
+        vectors = (await self._embed(texts))[0] if texts else None
+        return policy_from_config(cfg, PrecomputedEncoder(texts, vectors, source=self.tag))
 
     def _load(self, path: str) -> None:
         try:
@@ -212,7 +218,7 @@ class CacheEngine:
 
 
 class _RemoteBackend:
-    """The CacheBackend interface over a CacheEngine deployment handle."""
+    """The CacheBackend interface over one CacheEngine deployment (shard) handle."""
 
     def __init__(self, engine: DeploymentHandle):
         self.engine = engine
@@ -237,17 +243,20 @@ class _RemoteBackend:
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
-    """HTTP entry point: the FastAPI app, built on the replica over the CacheEngine handle."""
+    """HTTP entry point: the FastAPI app, built on the replica over the CacheEngine handle(s)
+    (one per shard, in shard order; a single handle = unsharded)."""
 
-    def __init__(self, engine: DeploymentHandle, settings: dict, online: Optional[dict] = None):
-        self.engine = engine
+    def __init__(self, engines: Any, settings: dict, online: Optional[dict] = None):
+        self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
         self.settings = ApiSettings(**settings)
         self.online = online  # online verification (raycache.service.verify), None = off
 
     def __serve_build_asgi_app__(self):
         from raycache.service.verify import wrap_backend
 
-        return create_app(wrap_backend(_RemoteBackend(self.engine), self.online), self.settings)
+        shards = [_RemoteBackend(engine) for engine in self.engines]
+        backend = shards[0] if len(shards) == 1 else ShardedBackend(shards)
+        return create_app(wrap_backend(backend, self.online), self.settings)
 
 
 def api_settings(cfg: ServeConfig) -> ApiSettings:
@@ -269,16 +278,19 @@ def api_settings(cfg: ServeConfig) -> ApiSettings:
 
 
 def build_app(cfg: ServeConfig):
-    """The bound Serve application (Embedder -> CacheEngine <- Ingress) for ``cfg``."""
+    """The bound Serve application (Embedder -> CacheEngine shard(s) <- Ingress) for ``cfg``."""
     options = deployment_options(cfg)
     embedder = Embedder.options(**options["Embedder"]).bind(
         cfg.encoder.model_dump(), cfg.serve_batch_size, cfg.serve_batch_wait_s)
     from raycache.service.verify import engine_cache_config, online_settings
 
-    engine = CacheEngine.options(**options["CacheEngine"]).bind(
-        embedder, engine_cache_config(cfg), model_tag(cfg.encoder))
-    return Ingress.options(**options["Ingress"]).bind(engine, api_settings(cfg).model_dump(),
-                                                      online_settings(cfg))
+    engines = []
+    for shard in range(cfg.shards):
+        name = engine_deployment_name(shard, cfg.shards)
+        engines.append(CacheEngine.options(name=name, **options[name]).bind(
+            embedder, engine_cache_config(cfg), model_tag(cfg.encoder), shard, cfg.shards))
+    return Ingress.options(**options["Ingress"]).bind(
+        engines[0] if cfg.shards == 1 else engines, api_settings(cfg).model_dump(), online_settings(cfg))
 
 
 def app_builder(args: dict[str, Any]):
@@ -301,11 +313,12 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{host}:{port}"
 
 
-def stop() -> bool:
-    """Save the running cache (if persistence is on) and shut Serve down; returns whether a
-    snapshot was written."""
-    handle = serve.get_deployment_handle("CacheEngine", app_name=APP_NAME)
-    saved = handle.save.remote().result()
+def stop(shards: int = 1) -> bool:
+    """Save the running cache's shard(s) (if persistence is on) and shut Serve down; returns
+    whether every shard wrote a snapshot."""
+    handles = [serve.get_deployment_handle(engine_deployment_name(i, shards), app_name=APP_NAME)
+               for i in range(shards)]
+    saved = all([response.result() for response in [h.save.remote() for h in handles]])
     serve.shutdown()
     return saved
 
@@ -334,7 +347,7 @@ def run(cfg: ServeConfig) -> dict:
           f"{'; tenant keys from ' + cfg.api_keys_file if cfg.api_keys_file else ''})", flush=True)
     summary = {"url": url, "docs": f"{url}/docs", "startup_s": round(startup_s, 1),
                "api_key": bool(key_env), "api_keys_file": cfg.api_keys_file, "upstream": cfg.upstream,
-               "persist_path": cfg.cache.persist_path}
+               "persist_path": cfg.cache.persist_path, "shards": cfg.shards}
     if not cfg.blocking:
         return summary
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -345,5 +358,5 @@ def run(cfg: ServeConfig) -> dict:
         print("raycache: shutting down (saving the cache)...", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary["saved"] = stop()
+    summary["saved"] = stop(cfg.shards)
     return summary

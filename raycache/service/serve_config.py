@@ -17,6 +17,7 @@ import yaml
 
 from raycache.config import ConfigError, ServeConfig
 from raycache.io import local_file_path, write_text_atomic
+from raycache.service.shards import engine_deployment_name
 
 APP_NAME = "raycache"
 ENGINE_NUM_CPUS = 0.25
@@ -27,7 +28,8 @@ _PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
-    """Serve options per deployment name (also written into the ``serve deploy`` YAML)."""
+    """Serve options per deployment name (also written into the ``serve deploy`` YAML): the
+    Embedder, one CacheEngine per shard (one replica each: a shard is state), the Ingress."""
     return {
         "Embedder": {
             "autoscaling_config": {
@@ -38,7 +40,9 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
             "max_ongoing_requests": max(32, cfg.serve_batch_size),
             "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
         },
-        "CacheEngine": {"num_replicas": 1, "ray_actor_options": {"num_cpus": ENGINE_NUM_CPUS}},
+        **{engine_deployment_name(shard, cfg.shards): {"num_replicas": 1,
+                                                         "ray_actor_options": {"num_cpus": ENGINE_NUM_CPUS}}
+           for shard in range(cfg.shards)},
         "Ingress": {"ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS}},
     }
 
