@@ -192,7 +192,9 @@ class CacheConfig(_Base):
         "`threshold` and `policy`. Refused when fitted for another model; nothing is refitted."))
     exact_tier: bool = Field(True, description="Answer exact repeats (whitespace-normalised) without encoding.")
     exact_casefold: bool = Field(False, description="Exact tier also folds case and Unicode (NFKC).")
-    persist_path: Optional[str] = Field(None, description="Snapshot file; None = in-memory only.")
+    persist_path: Optional[str] = Field(None, description=(
+        "Segment-log folder (local path or s3://...; an old snapshot file there is upgraded); None = "
+        "in-memory only."))
     persist_interval_s: float = Field(30.0, gt=0)
 
 

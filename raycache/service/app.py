@@ -4,7 +4,7 @@
   autoscaling replicas (CPU, or GPU when ``embedder_num_gpus`` > 0). With each vector it returns the
   key of the prompt's text beyond the model's window, which scopes long prompts (an exact match).
 * ``CacheEngine``: one stateful replica owning the SemanticCache; loads the snapshot on start,
-  saves it every ``persist_interval_s`` when changed and on shutdown; exports Ray metrics
+  appends what changed to its segment log every ``persist_interval_s`` and on shutdown; exports Ray metrics
   (Prometheus through Ray's metrics agent, tagged with the shard), gauges updated on every request.
   With ``shards`` N > 1 there are N of them (``CacheEngine-0`` … ``CacheEngine-{N-1}``, one replica
   each, each persisting to its own path); a namespace lives on one (:mod:`raycache.service.shards`).
@@ -29,7 +29,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raycache.cache.engine import PrecomputedEncoder, SemanticCache, load_calibration_pairs, policy_from_config
-from raycache.cache.persist import PeriodicSnapshot, SnapshotError, quarantine
+from raycache.cache.persist import SnapshotError, quarantine
+from raycache.cache.segments import PeriodicFlush
 from raycache.config import CacheConfig, ConfigError, EncoderConfig, ServeConfig
 from raycache.cache.scope import tail_key
 from raycache.io import free_port
@@ -141,12 +142,12 @@ class CacheEngine:
         self.backend = EngineBackend(self.cache, embed=self._embed)
         self.metrics = _EngineMetrics(shard)
         self.snapshot_status = {"loaded_entries": 0, "load_error": None, "quarantined_to": None}
-        self.saver: Optional[PeriodicSnapshot] = None
+        self.saver: Optional[PeriodicFlush] = None
         persist_path = shard_persist_path(cfg.persist_path, shard, shards)
-        if persist_path:
+        if persist_path:  # an incremental segment log (raycache.cache.segments); reads old snapshots
+            self.saver = PeriodicFlush(persist_path, self.cache, cfg.persist_interval_s)
             await asyncio.to_thread(self._load, persist_path)
-            self.saver = PeriodicSnapshot(persist_path, self.cache.snapshot,
-                                          lambda: self.cache.version, cfg.persist_interval_s).start()
+            self.saver.start()
 
     async def _embed(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
         return await self.embedder.embed_with_tails.remote(texts)
@@ -163,7 +164,7 @@ class CacheEngine:
 
     def _load(self, path: str) -> None:
         try:
-            self.snapshot_status["loaded_entries"] = self.cache.restore(path)
+            self.snapshot_status["loaded_entries"] = self.saver.restore()
             logger.info("cache loaded: %d entries from %s", self.snapshot_status["loaded_entries"], path)
         except FileNotFoundError:
             logger.info("no cache snapshot at %s yet; starting empty", path)
