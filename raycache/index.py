@@ -112,12 +112,59 @@ def _gather(external: np.ndarray, base, ids: np.ndarray, dim: int,
     return out
 
 
+MATMUL_MAX_CELLS = 1 << 24
+"""Similarities [queries, rows] one numpy matrix product of FlatIndex may hold (64 MiB float32)."""
+
+
+def matmul_wins(queries: int, rows: int) -> bool:
+    """Whether a numpy matrix product (+ argmax) beats FAISS's flat scan for a top-1 search of
+    ``queries`` against ``rows`` vectors. Measured (dim 384, 2 cores; ``bench/flat_search.py``):
+    numpy wins for one query (BLAS gemv against FAISS's single-threaded scan) and for batches of 16
+    or more (one gemm; FAISS adds a heap pass per block), FAISS for 2-15 queries over small indexes."""
+    return queries == 1 or queries >= 16 or rows >= 16_384
+
+
+def _top1_matmul(queries: np.ndarray, xb: np.ndarray, external: np.ndarray, dead: set
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest live row of ``xb`` [n, dim] to each query [m, dim] by one matrix product per chunk
+    -> (similarities [m], ids [m]; (-inf, -1) when none is live). ``external[j]``: the id of row j;
+    ``dead``: tombstoned ids (a query whose best row is one looks at its next best, and so on).
+    Ties go to the earliest row, as in FAISS."""
+    out_s = np.full(len(queries), -np.inf, np.float32)
+    out_i = np.full(len(queries), -1, np.int64)
+    if not len(xb):
+        return out_s, out_i
+    step = max(1, MATMUL_MAX_CELLS // len(xb))
+    for lo in range(0, len(queries), step):
+        sims = queries[lo:lo + step] @ xb.T  # [chunk, n]
+        rows = np.arange(len(sims))
+        best = sims.argmax(axis=1)
+        if dead:
+            for _ in range(8):  # tombstones are few among a query's best rows: skip them one by one
+                hidden = rows[[int(i) in dead for i in external[best[rows]].tolist()]]
+                if not len(hidden):
+                    break
+                sims[hidden, best[hidden]] = -np.inf
+                best[hidden] = sims[hidden].argmax(axis=1)
+                rows = hidden
+            else:  # still hidden after 8: mask every tombstone for those queries
+                mask = np.isin(external, np.fromiter(dead, np.int64, len(dead)))
+                sims[np.ix_(rows, np.flatnonzero(mask))] = -np.inf
+                best[rows] = sims[rows].argmax(axis=1)
+        top = sims[np.arange(len(sims)), best]
+        found = top > -np.inf
+        out_s[lo:lo + len(sims)][found] = top[found]
+        out_i[lo:lo + len(sims)][found] = external[best[found]]
+    return out_s, out_i
+
+
 class FlatIndex:
     """Exact inner-product search (faiss IndexFlatIP behind an id map).
 
     Removal is a tombstone (O(1)), filtered at search time; the tombstoned rows are dropped in one
     pass once they outnumber ``max(compact_min, live entries)``, so removing costs amortised O(1)
-    instead of one O(n) ``remove_ids`` per entry.
+    instead of one O(n) ``remove_ids`` per entry. Top-1 searches run as one numpy matrix product
+    over FAISS's own storage where that is faster (:func:`matmul_wins`).
     """
 
     compact_min = 1024
@@ -125,7 +172,8 @@ class FlatIndex:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._flat = faiss.IndexFlatIP(self.dim)
+        self._index = faiss.IndexIDMap2(self._flat)
         self._dead: set[int] = set()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -153,11 +201,18 @@ class FlatIndex:
             self._dead.clear()
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        return _search_live(self._index, _as_vectors(queries, self.dim), k, self._dead, len(self))
+        queries = _as_vectors(queries, self.dim)
+        total = int(self._index.ntotal)
+        if k == 1 and total and matmul_wins(len(queries), total):
+            xb = faiss.rev_swig_ptr(self._flat.get_xb(), total * self.dim).reshape(total, self.dim)
+            external = faiss.rev_swig_ptr(self._index.id_map.data(), total)  # views, no copy
+            sims, ids = _top1_matmul(queries, xb, external, self._dead)
+            return sims[:, None], ids[:, None]
+        return _search_live(self._index, queries, k, self._dead, len(self))
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (live ids only), float32 [len(ids), dim]."""
-        return _gather(faiss.vector_to_array(self._index.id_map), self._index.index, _as_ids(ids), self.dim)
+        return _gather(faiss.vector_to_array(self._index.id_map), self._flat, _as_ids(ids), self.dim)
 
     def __len__(self) -> int:
         return int(self._index.ntotal) - len(self._dead)
@@ -229,10 +284,25 @@ class HNSWIndex:
         return max(self._live, 0)
 
 
-def make_index(kind: str, dim: int) -> VectorIndex:
-    """'flat' (exact, default) or 'hnsw' (approximate, for large caches)."""
+HNSW_PARAMS = ("m", "ef_construction", "ef_search")
+"""The HNSW parameters ``make_index`` takes (``cache.hnsw_*`` in the config)."""
+
+
+def make_index(kind: str, dim: int, **params: int) -> VectorIndex:
+    """'flat' (exact, default) or 'hnsw' (approximate, for large caches).
+
+    ``params`` (hnsw only; None = the default): ``m`` graph degree, ``ef_construction`` build
+    breadth, ``ef_search`` search breadth (recall vs latency); each a positive integer.
+    """
+    if kind not in ("flat", "hnsw"):
+        raise ValueError(f"unknown index kind {kind!r}; expected 'flat' or 'hnsw'")
+    unknown = sorted(set(params) - set(HNSW_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown index parameter(s) {unknown}; expected some of {list(HNSW_PARAMS)}")
+    params = {name: value for name, value in params.items() if value is not None}
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"index parameter {name} must be a positive integer, got {value!r}")
     if kind == "flat":
         return FlatIndex(dim)
-    if kind == "hnsw":
-        return HNSWIndex(dim)
-    raise ValueError(f"unknown index kind {kind!r}; expected 'flat' or 'hnsw'")
+    return HNSWIndex(dim, **{name: int(value) for name, value in params.items()})

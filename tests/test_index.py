@@ -103,3 +103,53 @@ def test_stored_vectors_can_be_read_back(kind):
     index.add(np.arange(100, 150), v)
     index.remove(np.array([100, 101]))
     np.testing.assert_allclose(index.vectors(np.array([149, 102])), v[[49, 2]], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_queries", [1, 3, 16, 40])
+def test_flat_top1_matrix_product_matches_the_faiss_scan(n_queries):
+    """FlatIndex's numpy top-1 path (taken where matmul_wins) returns what FAISS's scan returns,
+    tombstones included: many dead rows among the queries' nearest, and a fully dead index."""
+    from raycache import index as index_module
+    from raycache.index import _search_live
+
+    rng = np.random.default_rng(n_queries)
+    x = rng.standard_normal((3_000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = FlatIndex(16)
+    index.add(np.arange(10, 3_010), x)
+    queries = x[:n_queries] + 0.01 * rng.standard_normal((n_queries, 16)).astype(np.float32)
+    index.remove(np.arange(10, 10 + n_queries))  # each query's own row: its best is dead
+    index.remove(rng.choice(np.arange(10 + n_queries, 3_010), 400, replace=False))
+    for max_cells in (index_module.MATMUL_MAX_CELLS, 3_000 * 2):  # one product, or chunks of two queries
+        index_module.MATMUL_MAX_CELLS = max_cells
+        try:
+            sims, ids = index.search(queries, 1)
+        finally:
+            index_module.MATMUL_MAX_CELLS = 1 << 24
+        ref_s, ref_i = _search_live(index._index, queries, 1, index._dead, len(index))
+        assert np.array_equal(ids, ref_i) and np.allclose(sims, ref_s, atol=1e-5)
+        assert not set(ids[:, 0].tolist()) & index._dead
+    index.remove(np.arange(10, 3_010))
+    assert index.search(queries, 1)[1].tolist() == [[-1]] * n_queries
+
+
+def test_matmul_rule_takes_the_measured_side():
+    from raycache.index import matmul_wins
+
+    assert matmul_wins(1, 100) and matmul_wins(64, 100) and matmul_wins(4, 1_000_000)
+    assert not matmul_wins(4, 1_000)
+
+
+def test_flat_top1_skips_a_run_of_tombstoned_duplicates():
+    """12 copies of the query's vector, the first 11 tombstoned: the live copy is found (past the
+    8 one-by-one skips, by masking every tombstone)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = FlatIndex(16)
+    index.add(np.arange(1, 13), np.repeat(x[:1], 12, axis=0))
+    index.add(np.arange(100, 300), x)
+    index.remove(np.arange(1, 12))
+    index.remove(np.array([100]))  # x[0] itself
+    sims, ids = index.search(x[:1], 1)
+    assert ids.tolist() == [[12]] and sims[0, 0] == pytest.approx(1.0, abs=1e-5)

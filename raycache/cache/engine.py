@@ -4,8 +4,12 @@ The engine composes swappable parts and needs no Ray:
 
 * an encoder (anything with ``encode(list[str]) -> float32 [n, dim]``; None when callers always pass
   vectors),
-* one vector index per scope (``raycache.index``: exact ``flat`` by default, ``hnsw`` for large
-  caches), so a lookup can only ever see entries of its own scope,
+* one vector index per namespace for its entries without history (``raycache.index``: exact
+  ``flat`` by default, ``hnsw`` for large caches); entries of conversation (history) and tail scopes
+  are searched exactly among their own scope's rows (:class:`raycache.cache.scope_rows.ScopeRows`,
+  no index per history) until the scope reaches ``scope_index_min`` entries (a system prompt shared
+  by every chat, say), when it gets an index of its own; either way a lookup only ever sees entries
+  of its own scope,
 * the entry store with the exact tier (whitespace-normalised text hash per scope, answered without
   encoding; case folding opt-in), whose hits the decision policy still decides (at similarity 1),
 * LRU capacity + per-entry TTL eviction, and a decision policy (static or calibrated threshold).
@@ -48,9 +52,10 @@ from raycache.cache.persist import Snapshot, SnapshotError, write_snapshot
 from raycache.cache.policy import CalibratedThreshold, DecisionPolicy, StaticThreshold
 from raycache.cache.scope import Scope, make_scope, tail_key
 from raycache.cache.segments import read_persisted
+from raycache.cache.scope_rows import ScopeRows
 from raycache.cache.store import EntryStore, EntryStoreProtocol, text_key
 from raycache.config import CacheConfig, ConfigError
-from raycache.index import VectorIndex, make_index
+from raycache.index import HNSW_PARAMS, VectorIndex, make_index
 from raycache.numeric import percentiles, unit_rows
 
 logger = logging.getLogger(__name__)
@@ -153,28 +158,39 @@ def _percentiles(samples: Sequence[float]) -> dict:
 
 
 class SemanticCache:
-    """Semantic prompt cache over one index per scope. Thread-safe (one re-entrant lock).
+    """Semantic prompt cache over one index per namespace. Thread-safe (one re-entrant lock).
 
-    ``index``: 'flat' | 'hnsw' or a factory ``dim -> VectorIndex``; ``clock``: seconds (TTL and
-    timestamps; inject a fake one in tests); ``model_tag``: which encoder produced the vectors
-    (stored in snapshots; restoring one from another encoder is refused).
+    ``index``: 'flat' | 'hnsw' or a factory ``dim -> VectorIndex``; ``index_params``: the HNSW
+    parameters of ``make_index`` (``m``, ``ef_construction``, ``ef_search``); ``scope_index_min``:
+    entries at which a history or tail scope gets an index of its own (smaller ones are searched
+    exactly among their rows); ``clock``: seconds (TTL and timestamps; inject a fake one in tests);
+    ``model_tag``: which encoder produced the vectors (stored in snapshots; restoring one from
+    another encoder is refused).
     """
 
     def __init__(self, encoder: Any, dim: int, index: Union[str, IndexFactory] = "flat",
                  store: Optional[EntryStoreProtocol] = None, eviction: Optional[Eviction] = None,
                  policy: Optional[DecisionPolicy] = None, exact_tier: bool = True,
                  clock: Callable[[], float] = time.time, model_tag: Optional[str] = None,
-                 exact_casefold: bool = False):
+                 exact_casefold: bool = False, index_params: Optional[dict] = None,
+                 scope_index_min: int = 1024):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if (isinstance(scope_index_min, bool) or not isinstance(scope_index_min, (int, np.integer))
+                or scope_index_min < 2):
+            raise ValueError(f"scope_index_min must be an integer >= 2, got {scope_index_min!r}")
         self.encoder = encoder
         self.dim = int(dim)
+        params = dict(index_params or {})
         if isinstance(index, str):
             self.index_kind = index
-            make_index(index, 1)  # validates the kind now rather than at the first insert
-            self._new_index: IndexFactory = lambda d, kind=index: make_index(kind, d)
+            make_index(index, 1, **params)  # validates kind and parameters now, not at the first insert
+            self._new_index: IndexFactory = lambda d, kind=index: make_index(kind, d, **params)
         else:
+            if params:
+                raise ValueError("index_params apply to a named index kind, not to an index factory")
             self.index_kind, self._new_index = getattr(index, "__name__", "custom"), index
+        self.scope_index_min = int(scope_index_min)
         self.entries = store if store is not None else EntryStore()
         self.eviction = eviction if eviction is not None else LRUEviction()
         self.policy = policy if policy is not None else StaticThreshold(0.9)
@@ -183,8 +199,9 @@ class SemanticCache:
         self.clock = clock
         self.model_tag = model_tag
         self.version = 0  # bumped on every change (the periodic snapshot saves when it moved)
-        self._indexes: dict[Scope, VectorIndex] = {}
-        self._roots: dict[Scope, int] = {}  # root scope -> how many of its (tail) scopes have an index
+        self._indexes: dict[Scope, VectorIndex] = {}  # Scope(namespace) + the scopes grown large
+        self._rows = ScopeRows(self.dim)  # every other scope's vectors
+        self._roots: dict[Scope, int] = {}  # root scope -> how many of its (tail) scopes hold entries
         self._next_id = fresh_id_base()
         self._lock = threading.RLock()
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "stores",
@@ -208,9 +225,11 @@ class SemanticCache:
             dim = int(getattr(encoder, "dim", None) or np.asarray(encoder.encode(["dim"])).shape[1])
         if policy is None:
             policy = policy_from_config(cfg, encoder)
+        index_params = ({name: getattr(cfg, f"hnsw_{name}") for name in HNSW_PARAMS}
+                        if cfg.index == "hnsw" else None)
         return cls(encoder, dim, index=cfg.index, eviction=LRUEviction(cfg.capacity, cfg.ttl_s),
                    policy=policy, exact_tier=cfg.exact_tier, exact_casefold=cfg.exact_casefold,
-                   clock=clock,
+                   clock=clock, index_params=index_params, scope_index_min=cfg.scope_index_min,
                    model_tag=model_tag if model_tag is not None else getattr(encoder, "source", None))
 
     # ------------------------------------------------------------------ lookups
@@ -282,13 +301,8 @@ class SemanticCache:
             for row, i in enumerate(pending.need):
                 by_scope.setdefault(pending.scopes[i].with_tail(tails[row]), []).append(row)
             for scope, rows in by_scope.items():
-                index = self._indexes.get(scope)
-                if index is None:  # emptied since begin_lookup
-                    for row in rows:
-                        results[pending.need[row]] = MISS
-                    continue
-                sims, ids = index.search(vecs[rows], 1)
-                for row, sim, entry_id in zip(rows, sims[:, 0], ids[:, 0]):
+                sims, ids = self._search(scope, vecs[rows])
+                for row, sim, entry_id in zip(rows, sims, ids):  # an emptied scope: id -1, a miss
                     results[pending.need[row]] = self._decide(float(sim), int(entry_id), now)
             hits = sum(r.hit for r in results)
             self._counts["lookups"] += len(results)
@@ -393,7 +407,7 @@ class SemanticCache:
                 self._insert(entry_id, prompt, response, scope, key, now, expires_at)
                 if self._journal is not None:
                     self._journal.stored(entry_id, vecs[row])
-                self._index_for(scope).add(np.array([entry_id], np.int64), vecs[row:row + 1])
+                self._add_vectors(scope, np.array([entry_id], np.int64), vecs[row:row + 1])
                 ids.append(entry_id)
                 for victim in self.eviction.pop_over_capacity():
                     if self._drop(victim):
@@ -411,13 +425,43 @@ class SemanticCache:
             self.entries.touch(slot, last_access)
         self.eviction.admit(entry_id, expires_at)
 
-    def _index_for(self, scope: Scope) -> VectorIndex:
+    # ------------------------------------------------------------------ vectors
+    def _add_vectors(self, scope: Scope, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """File the vectors [n, dim] of entries ``ids`` of ``scope``: in the namespace's index (no
+        history), the scope's own index (grown large), or the scope rows, moving the scope's rows
+        into an index of its own once it reaches ``scope_index_min`` entries."""
         index = self._indexes.get(scope)
         if index is None:
+            held = self._rows.size(scope)
+            if not held:
+                root = scope.root
+                self._roots[root] = self._roots.get(root, 0) + 1
+            if scope.history_hash and held + len(ids) < self.scope_index_min:
+                self._rows.add(scope, ids, vectors)
+                return
             index = self._indexes[scope] = self._new_index(self.dim)
-            root = scope.root
-            self._roots[root] = self._roots.get(root, 0) + 1
-        return index
+            if held:
+                index.add(*self._rows.pop(scope))
+        index.add(ids, vectors)
+
+    def _search(self, scope: Scope, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entry of ``scope`` to each query [m, dim] -> (similarities [m], ids [m]);
+        (-inf, -1) where the scope is empty."""
+        index = self._indexes.get(scope)
+        if index is None:
+            return self._rows.search(scope, queries)
+        sims, ids = index.search(queries, 1)
+        return sims[:, 0], ids[:, 0]
+
+    def _scope_vectors(self, scope: Scope, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of entries ``ids`` of ``scope`` -> float32 [len(ids), dim]."""
+        index = self._indexes.get(scope)
+        return self._rows.vectors(ids) if index is None else index.vectors(ids)
+
+    def _clear_vectors(self) -> None:
+        self._indexes.clear()
+        self._rows.clear()
+        self._roots.clear()
 
     # ------------------------------------------------------------------ removal
     def _drop(self, entry_id: int) -> bool:
@@ -427,14 +471,20 @@ class SemanticCache:
         self.eviction.forget(entry_id)
         if self._journal is not None:
             self._journal.dropped(entry_id)
+        index = self._indexes.get(scope)
         if not self.entries.scope_size(scope):
-            del self._indexes[scope]
+            if index is None:
+                self._rows.remove(scope, entry_id)
+            else:
+                del self._indexes[scope]
             root = scope.root
             self._roots[root] -= 1
             if not self._roots[root]:
                 del self._roots[root]
+        elif index is None:
+            self._rows.remove(scope, entry_id)
         else:
-            self._indexes[scope].remove(np.array([entry_id], np.int64))
+            index.remove(np.array([entry_id], np.int64))
         self.version += 1
         return True
 
@@ -462,7 +512,7 @@ class SemanticCache:
         metrics updated on every request."""
         with self._lock:
             self._purge_expired(self.clock())
-            return {"entries": len(self.entries), "scopes": len(self._indexes),
+            return {"entries": len(self.entries), "scopes": len(self._indexes) + self._rows.scopes(),
                     "evictions": self._counts["evictions"], "expirations": self._counts["expirations"]}
 
     def stats(self) -> dict:
@@ -472,7 +522,8 @@ class SemanticCache:
             self._purge_expired(self.clock())
             c = dict(self._counts)
             return {
-                "entries": len(self.entries), "scopes": len(self._indexes), **c,
+                "entries": len(self.entries), "scopes": len(self._indexes) + self._rows.scopes(),
+                "scope_indexes": len(self._indexes), **c,
                 "semantic_hits": c["hits"] - c["exact_hits"],
                 "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else None,
                 "capacity": self.eviction.capacity, "default_ttl_s": self.eviction.default_ttl_s,
@@ -497,7 +548,7 @@ class SemanticCache:
             bounds = np.flatnonzero(np.diff(codes[by_code])) + 1
             for rows in np.split(by_code, bounds) if len(by_code) else ():
                 scope = store.scope_of(int(slots[rows[0]]))
-                vectors[rows] = self._indexes[scope].vectors(ids[rows])
+                vectors[rows] = self._scope_vectors(scope, ids[rows])
             scopes = [store.scope_of(int(slot)) for slot in slots]
             return Snapshot(
                 ids=ids.copy(), vectors=vectors,
@@ -571,8 +622,7 @@ class SemanticCache:
         with self._lock:
             self.entries.clear()
             self.eviction.clear()
-            self._indexes.clear()
-            self._roots.clear()
+            self._clear_vectors()
             if self._journal is not None:
                 self._journal = Journal(full=not in_log)
             codes: dict[tuple[str, str], int] = {}  # (namespace, history hash) -> scope number
@@ -593,8 +643,7 @@ class SemanticCache:
                              created[i], None if math.isnan(expires) else expires, last_access=last_access[i])
                 rows_of.setdefault(code_of[i], []).append(i)
             for code, rows in rows_of.items():  # one batched add per scope index
-                scope = distinct[code]
-                self._index_for(scope).add(snap.ids[rows].astype(np.int64), vectors[rows])
+                self._add_vectors(distinct[code], snap.ids[rows].astype(np.int64), vectors[rows])
             self._next_id = max(int(snap.meta.get("next_id", 1)), int(snap.ids.max(initial=0)) + 1)
             self._purge_expired(self.clock())
             for victim in self.eviction.pop_over_capacity():
