@@ -52,17 +52,7 @@ def load_stream(name: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
     """
     if name == "qqp":
         rows = read_jsonl(shared_data_dir() / "streams" / "stream_qqp_dev.jsonl")
-        size: dict[str, int] = {}
-        for r in rows:
-            size[r["group"]] = size.get(r["group"], 0) + 1
-        groups = sorted(size)
-        chosen, total = set(), 0
-        for i in np.random.default_rng(seed).permutation(len(groups)):
-            if total >= n:
-                break
-            chosen.add(groups[i])
-            total += size[groups[i]]
-        return [(r["prompt"], f"answer of group {r['group']}") for r in rows if r["group"] in chosen]
+        return sample_groups([r["prompt"] for r in rows], [r["group"] for r in rows], n, seed)
     if name == "workload":
         from raycache.workload import generate_prompts, generate_stream
 
@@ -70,6 +60,22 @@ def load_stream(name: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
         stream = generate_stream(prompts[prompts["split"] == "test"], n, seed)
         return [(p, f"answer of group {g}") for p, g in zip(stream["prompt"], stream["group"])]
     raise SystemExit(f"unknown stream {name!r}; expected 'qqp' or 'workload'")
+
+
+def sample_groups(prompts: Sequence[str], groups: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Every arrival of a random subset of groups, about ``n`` arrivals (whole groups, so a little
+    more), in stream order, as (prompt, response naming the group)."""
+    size: dict[str, int] = {}
+    for g in groups:
+        size[g] = size.get(g, 0) + 1
+    names = sorted(size)
+    chosen, total = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if total >= n:
+            break
+        chosen.add(names[i])
+        total += size[names[i]]
+    return [(p, f"answer of group {g}") for p, g in zip(prompts, groups) if g in chosen]
 
 
 def oracle_hit_rate(stream: list[tuple[str, str]]) -> float:
@@ -227,8 +233,9 @@ class HttpContender:
 
 
 # ----------------------------------------------------------------------------- GPTCache's venv
-def ensure_gptcache_venv(venv: Path = GPTCACHE_VENV) -> Path:
-    """A virtualenv holding GPTCache and its own pins; returns its python.
+def ensure_gptcache_venv(venv: Path = GPTCACHE_VENV, extra: Sequence[tuple[str, str]] = ()) -> Path:
+    """A virtualenv holding GPTCache and its own pins (plus ``extra``: (Python statement that fails
+    without it, requirement) pairs, e.g. what ``gptcache_server`` imports); returns its python.
 
     The heavy shared libraries (torch, sentence-transformers, faiss) are not installed twice: a
     ``.pth`` file appends this environment's site-packages *after* the venv's own, so anything
@@ -239,9 +246,11 @@ def ensure_gptcache_venv(venv: Path = GPTCACHE_VENV) -> Path:
     if not python.exists():
         print(f"creating GPTCache virtualenv at {venv}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    probe = subprocess.run([str(python), "-c", "import gptcache, sqlalchemy"], capture_output=True)
+    checks = "; ".join(["import gptcache, sqlalchemy", *(check for check, _ in extra)])
+    probe = subprocess.run([str(python), "-c", checks], capture_output=True)
     if probe.returncode != 0:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *GPTCACHE_REQUIREMENTS], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *GPTCACHE_REQUIREMENTS,
+                        *(requirement for _, requirement in extra)], check=True)
     own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                          capture_output=True, text=True, check=True).stdout.strip()
     Path(own, "zz_raycache_shared.pth").write_text(site.getsitepackages()[0] + "\n")

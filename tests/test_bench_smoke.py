@@ -156,3 +156,98 @@ def test_recipe_operating_points_choose_on_calibration_and_read_on_test():
         assert op["fixed_sequence"]["threshold"] is None or op["threshold"] is None or \
             op["fixed_sequence"]["threshold"] >= op["threshold"]  # the bound is the stricter rule
     assert ops["0.05"]["correct_hit_rate"] >= ops["0.01"]["correct_hit_rate"]  # more budget, more hits
+
+
+# ----------------------------------------------------------------------------- bench.gptcache_http
+class _KeyCache:
+    """Async fake of an HTTP cache: a lookup hits the first response stored under the prompt's first
+    word; every call yields to the event loop, and the most calls in flight at once is recorded."""
+
+    def __init__(self):
+        self.entries: dict[str, str] = {}
+        self.in_flight = self.most_in_flight = 0
+
+    async def _call(self):
+        import asyncio
+
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0)
+        self.in_flight -= 1
+
+    async def lookup(self, prompt):
+        await self._call()
+        return self.entries.get(prompt.split()[0])
+
+    async def store(self, prompt, response):
+        await self._call()
+        self.entries.setdefault(prompt.split()[0], response)
+
+
+def _key_stream():
+    # first word = what the fake matches on; "k1" is shared by groups a and b (b's arrivals hit a's)
+    groups = ["a", "b", "a", "c", "b", "c", "c", "d", "a"] * 3
+    return [(f"k{'1' if g in 'ab' else g} #{i}", f"answer of group {g}") for i, g in enumerate(groups)]
+
+
+def test_gptcache_http_sequential_replay_counts_hits_false_hits_and_stores():
+    import asyncio
+
+    from bench import gptcache_http
+
+    stream = _key_stream()
+    caches = {"x": _KeyCache(), "y": _KeyCache()}
+    runs = asyncio.run(gptcache_http.replay_level(caches, stream, concurrency=1, block=4))
+    first: dict[str, str] = {}  # the sequential oracle of the fake
+    hits = wrong = 0
+    for prompt, response in stream:
+        key = prompt.split()[0]
+        if key in first:
+            hits += 1
+            wrong += first[key] != response
+        first.setdefault(key, response)
+    for name, run in runs.items():
+        summary = run.summary()
+        assert summary["arrivals"] == len(stream) and summary["lookup"]["n"] == summary["arrival"]["n"] == len(stream)
+        assert summary["hit_rate"] == pytest.approx(hits / len(stream))
+        assert summary["false_hit_rate"] == pytest.approx(wrong / len(stream)) and wrong > 0
+        assert run.stores == len(stream) - hits and len(run.block_s) == -(-len(stream) // 4)
+        assert caches[name].most_in_flight == 1
+
+
+def test_gptcache_http_concurrent_replay_overlaps_and_accounts_every_arrival():
+    import asyncio
+
+    from bench import gptcache_http
+
+    stream = _key_stream()
+    cache = _KeyCache()
+    run = asyncio.run(gptcache_http.replay_level({"x": cache}, stream, concurrency=4, block=8))["x"]
+    summary = run.summary()
+    assert cache.most_in_flight == 4  # the workers really overlap
+    hits = round(summary["hit_rate"] * len(stream))
+    assert summary["arrivals"] == len(stream) and run.stores == len(stream) - hits
+    assert summary["http_requests_per_s"] > summary["requests_per_s"] > 0
+
+
+def test_gptcache_http_arguments_config_and_server_start_failure(tmp_path):
+    import argparse
+    import sys
+
+    from bench import gptcache_http
+
+    assert gptcache_http.concurrency_levels("1, 8,32") == [1, 8, 32]
+    for bad in ("0", "8,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a positive integer"):
+            gptcache_http.concurrency_levels(bad)
+    cfg = gptcache_http.gptcache_config("/models/minilm", str(tmp_path / "d"), 0.8)
+    assert cfg["embedding"] == "sbert" and cfg["embedding_config"] == {"model": "/models/minilm"}
+    assert cfg["storage_config"]["manager"] == "sqlite,faiss"
+    assert cfg["storage_config"]["eviction_params"]["max_size"] >= 100_000
+    assert gptcache_http.cosine_of_similarity_threshold(0.8) == pytest.approx(0.6)
+    assert gptcache_http.cosine_of_similarity_threshold(1.0) == pytest.approx(1.0)
+    server = gptcache_http.Server("toy", [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"],
+                                  "http://127.0.0.1:9", "/", tmp_path / "toy.log")
+    with pytest.raises(RuntimeError, match=r"(?s)toy exited with code 3.*no model here"):
+        server.wait_ready(timeout_s=60)
+    server.stop()
