@@ -27,15 +27,20 @@ A hit is correct iff the served response names the arrival's group. The two serv
 blocks of arrivals (``max(--block, 8 x concurrency)`` each), alternating which goes first, so outside
 load hits both alike; "vs GPTCache" is the median over blocks of GPTCache's seconds / raycache's.
 arrivals/s = arrivals / seconds spent replaying; an arrival is one lookup plus, on a miss, one store.
+Any reply that is not 2xx ends the run with its error, so a table that prints had no 5xx. "vs 1st level"
+is raycache's arrivals/s over its own at the lowest concurrency of the run (``--no-gptcache --shards 2
+--concurrency 1,16``: the 16-client scaling of a two-shard service).
 
     python -m bench.gptcache_http --arrivals 2000 --concurrency 1,8,32
     python -m bench.gptcache_http --arrivals 200 --concurrency 1,8      # smoke run
+    python -m bench.gptcache_http --no-gptcache --shards 2 --concurrency 1,16   # scaling with clients
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -165,15 +170,23 @@ def start_gptcache(python: Path, model_dir: str, work: Path, tag: str, threads: 
     return Server(GPTCACHE, argv, f"http://127.0.0.1:{port}", "/", work / f"gptcache-{tag}.log", env)
 
 
-def start_raycache(work: Path, threshold: Optional[float]) -> Server:
-    from raycache.io import free_port
-
-    port = free_port()
+def raycache_argv(port: int, threshold: Optional[float], shards: int = 1) -> list[str]:
+    """``raycache serve`` on 127.0.0.1:``port`` with its defaults, but ``--threshold``/``--shards``."""
     script = Path(sys.executable).with_name("raycache")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "raycache.cli"]
     argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
     if threshold is not None:
         argv += ["--threshold", str(threshold)]
+    if shards > 1:
+        argv += ["--shards", str(shards)]
+    return argv
+
+
+def start_raycache(work: Path, threshold: Optional[float], shards: int = 1) -> Server:
+    from raycache.io import free_port
+
+    port = free_port()
+    argv = raycache_argv(port, threshold, shards)
     return Server(RAYCACHE, argv, f"http://127.0.0.1:{port}", "/healthz", work / "raycache.log")
 
 
@@ -273,15 +286,19 @@ async def replay_level(caches: dict[str, CacheClient], stream: Sequence[tuple[st
 
 
 # ----------------------------------------------------------------------------- main
-async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: int, gptcache_python: Path,
+async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: int,
+                  gptcache_python: Optional[Path],
                   model_dir: str, work: Path, threads: int, similarity_threshold: float,
-                  raycache_threshold: Optional[float], progress: bool = True) -> dict:
+                  raycache_threshold: Optional[float], shards: int = 1, with_gptcache: bool = True,
+                  progress: bool = True) -> dict:
+    """Replay ``stream`` at each concurrency in ``levels`` against raycache (and, with
+    ``with_gptcache``, a fresh GPTCache server per level); ``{"levels": {c: ...}, "info": ...}``."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     info: dict = {}
     results: dict = {}
-    raycache = start_raycache(work, raycache_threshold)
+    raycache = start_raycache(work, raycache_threshold, shards)
     gptcache: Optional[Server] = None
     try:
         info["raycache_startup_s"] = raycache.wait_ready()
@@ -289,30 +306,37 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
         async with httpx.AsyncClient(base_url=raycache.url, timeout=REQUEST_TIMEOUT_S, limits=limits) as rc_http:
             ray_client = RaycacheClient(rc_http)
             for c in levels:
-                gptcache = start_gptcache(gptcache_python, model_dir, work, f"c{c}", threads, similarity_threshold)
-                info.setdefault("gptcache_startup_s", []).append(gptcache.wait_ready())
-                info["gptcache_command"] = " ".join(gptcache.argv)
-                async with httpx.AsyncClient(base_url=gptcache.url, timeout=REQUEST_TIMEOUT_S,
-                                             limits=limits) as gc_http:
-                    gpt_client = GPTCacheClient(gc_http)
+                async with contextlib.AsyncExitStack() as stack:
+                    caches: dict[str, CacheClient] = {}
+                    if with_gptcache:
+                        gptcache = start_gptcache(gptcache_python, model_dir, work, f"c{c}", threads,
+                                                  similarity_threshold)
+                        info.setdefault("gptcache_startup_s", []).append(gptcache.wait_ready())
+                        info["gptcache_command"] = " ".join(gptcache.argv)
+                        gc_http = await stack.enter_async_context(httpx.AsyncClient(
+                            base_url=gptcache.url, timeout=REQUEST_TIMEOUT_S, limits=limits))
+                        caches[GPTCACHE] = GPTCacheClient(gc_http)
+                        await caches[GPTCACHE].lookup("warm-up prompt")
+                    caches[RAYCACHE] = ray_client
                     # warm-up, untimed: model, routes, connections; then both caches are empty
-                    await gpt_client.lookup("warm-up prompt")
                     await ray_client.lookup("warm-up prompt")
                     await ray_client.store("warm-up prompt", "-")
                     await ray_client.clear()
                     load_start = os.getloadavg()[0]
                     level_block = max(block, 8 * c)
                     started = time.perf_counter()
-                    runs = await replay_level({GPTCACHE: gpt_client, RAYCACHE: ray_client}, stream, c, level_block)
+                    runs = await replay_level(caches, stream, c, level_block)
                     wall_s = time.perf_counter() - started
                     load_end = os.getloadavg()[0]
                 await ray_client.clear()
-                gptcache.stop()
-                gptcache = None
+                if gptcache is not None:
+                    gptcache.stop()
+                    gptcache = None
                 results[str(c)] = {
                     "concurrency": c, "block": level_block, "wall_s": wall_s,
                     "load_avg_1m": [round(load_start, 2), round(load_end, 2)],
-                    "raycache_vs_gptcache": median_ratio(runs[GPTCACHE].block_s, runs[RAYCACHE].block_s),
+                    "raycache_vs_gptcache": (median_ratio(runs[GPTCACHE].block_s, runs[RAYCACHE].block_s)
+                                             if GPTCACHE in runs else None),
                     "contenders": {name: run.summary() for name, run in runs.items()}}
                 if progress:
                     print(f"  concurrency {c}: done in {wall_s:.0f} s (load {load_start:.1f} -> {load_end:.1f})",
@@ -324,19 +348,32 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
     return {"levels": results, "info": info}
 
 
+def scaling(levels: dict, name: str = RAYCACHE) -> dict[str, float]:
+    """``name``'s arrivals/s at each concurrency over its arrivals/s at the lowest one measured."""
+    rates = {c: level["contenders"][name]["requests_per_s"] for c, level in levels.items()}
+    lowest = min(levels, key=lambda c: levels[c]["concurrency"])
+    return {c: rate / rates[lowest] for c, rate in rates.items()}
+
+
 def table(levels: dict) -> str:
     rows = []
-    for level in levels.values():
+    scale = scaling(levels)
+    for c, level in levels.items():
         for name, r in level["contenders"].items():
-            ratio = "1.00x" if name == GPTCACHE else f"{level['raycache_vs_gptcache']:.2f}x"
+            if name == GPTCACHE:
+                ratio, scaled = "1.00x", ""
+            else:
+                ratio = ("" if level["raycache_vs_gptcache"] is None
+                         else f"{level['raycache_vs_gptcache']:.2f}x")
+                scaled = f"{scale[c]:.2f}x"
             load = level["load_avg_1m"]
-            rows.append([level["concurrency"], name, r["requests_per_s"], ratio, r["http_requests_per_s"],
-                         r["lookup"]["p50_ms"], r["lookup"]["p99_ms"], r["arrival"]["p50_ms"],
-                         r["arrival"]["p99_ms"], r["hit_rate"], r["false_hit_rate"], r["correct_hit_rate"],
-                         f"{load[0]:.1f}-{load[1]:.1f}"])
-    return markdown_table(["concurrency", "contender", "arrivals/s", "vs GPTCache", "HTTP req/s", "lookup p50 ms",
-                           "lookup p99 ms", "arrival p50 ms", "arrival p99 ms", "hit rate", "false-hit rate",
-                           "correct-hit rate", "load 1m"], rows)
+            rows.append([level["concurrency"], name, r["requests_per_s"], ratio, scaled,
+                         r["http_requests_per_s"], r["lookup"]["p50_ms"], r["lookup"]["p99_ms"],
+                         r["arrival"]["p50_ms"], r["arrival"]["p99_ms"], r["hit_rate"], r["false_hit_rate"],
+                         r["correct_hit_rate"], f"{load[0]:.1f}-{load[1]:.1f}"])
+    return markdown_table(["concurrency", "contender", "arrivals/s", "vs GPTCache", "vs 1st level", "HTTP req/s",
+                           "lookup p50 ms", "lookup p99 ms", "arrival p50 ms", "arrival p99 ms", "hit rate",
+                           "false-hit rate", "correct-hit rate", "load 1m"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -351,24 +388,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="GPTCache's similarity_threshold (its default 0.8 = cosine >= 0.6)")
     parser.add_argument("--raycache-threshold", type=float, default=None,
                         help="raycache serve --threshold (default: its own, cosine 0.9)")
+    parser.add_argument("--shards", type=int, default=1, help="raycache serve --shards (engine replicas)")
+    parser.add_argument("--no-gptcache", action="store_true",
+                        help="replay raycache alone (e.g. --shards 2 --concurrency 1,16: scaling with clients)")
     parser.add_argument("--seed", type=int, default=0, help="which groups of the stream are replayed")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
-    if args.arrivals < 1 or args.block < 1 or args.threads < 1:
-        parser.error("--arrivals, --block and --threads must be positive")
+    if args.arrivals < 1 or args.block < 1 or args.threads < 1 or args.shards < 1:
+        parser.error("--arrivals, --block, --threads and --shards must be positive")
     setup_env()
     from raycache.encoder import default_model_path
 
-    gptcache_python = ensure_gptcache_venv(extra=GPTCACHE_SERVER_EXTRA)
+    gptcache_python = None if args.no_gptcache else ensure_gptcache_venv(extra=GPTCACHE_SERVER_EXTRA)
     stream = load_arrivals(args.arrivals, args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rcb-gptcache-http-") as work:
         out = asyncio.run(measure(stream, args.concurrency, args.block, gptcache_python, str(default_model_path()),
-                                  Path(work), args.threads, args.gptcache_similarity, args.raycache_threshold))
+                                  Path(work), args.threads, args.gptcache_similarity, args.raycache_threshold,
+                                  shards=args.shards, with_gptcache=not args.no_gptcache))
     out.update(stream="qqp", arrivals=len(stream), oracle_hit_rate=oracle_hit_rate(stream),
                concurrency=args.concurrency, threads=args.threads, gptcache_similarity=args.gptcache_similarity,
                gptcache_cosine_equivalent=cosine_of_similarity_threshold(args.gptcache_similarity),
-               raycache_threshold=args.raycache_threshold, wall_s=time.perf_counter() - started)
+               raycache_threshold=args.raycache_threshold, shards=args.shards,
+               raycache_scaling=scaling(out["levels"]), wall_s=time.perf_counter() - started)
     print(f"\nCache-aside HTTP replay of {len(stream)} QQP dev arrivals (oracle hit rate "
           f"{out['oracle_hit_rate']:.3f}); GPTCache similarity_threshold {args.gptcache_similarity} "
           f"(= cosine >= {out['gptcache_cosine_equivalent']:.2f}), raycache threshold "

@@ -2,8 +2,9 @@
 
 Run by ``bench/service.py`` with the GPTCache virtualenv's python; imports nothing from raycache.
 Setup follows GPTCache's README semantic-cache example: SBERT embedding (here the same local
-all-MiniLM-L6-v2 folder raycache uses), the SQLite + FAISS data manager, ``SearchDistanceEvaluation``
-and the default ``Config`` (``similarity_threshold`` 0.8). Every reply carries ``s``: the seconds
+all-MiniLM-L6-v2 folder raycache uses), the SQLite + FAISS data manager with ``max_size`` 100,000
+(its default, 1,000, would evict within a run; 100,000 is raycache's default capacity),
+``SearchDistanceEvaluation`` and the default ``Config`` (``similarity_threshold`` 0.8). Every reply carries ``s``: the seconds
 the GPTCache call itself took, measured here so the pipe is not counted.
 
 Requests: {"op": "init", "model": DIR, "dir": DIR[, "similarity_threshold": x]}, {"op": "get",
@@ -16,6 +17,8 @@ import json
 import sys
 import time
 
+MAX_SIZE = 100_000  # entries before GPTCache's data manager evicts (= raycache's default capacity)
+
 
 def init(model: str, data_dir: str, similarity_threshold: float | None = None) -> dict:
     from gptcache import Cache, Config
@@ -27,7 +30,8 @@ def init(model: str, data_dir: str, similarity_threshold: float | None = None) -
     embedding = SBERT(model)
     data_manager = get_data_manager(
         CacheBase("sqlite", sql_url=f"sqlite:///{data_dir}/gptcache.db"),
-        VectorBase("faiss", dimension=embedding.dimension, index_path=f"{data_dir}/faiss.index"))
+        VectorBase("faiss", dimension=embedding.dimension, index_path=f"{data_dir}/faiss.index"),
+        max_size=MAX_SIZE)
     config = Config() if similarity_threshold is None else Config(similarity_threshold=similarity_threshold)
     evaluation = SearchDistanceEvaluation()
     cache = Cache()
@@ -40,7 +44,7 @@ def init(model: str, data_dir: str, similarity_threshold: float | None = None) -
         "gptcache_version": __import__("gptcache").__version__,
         "similarity_threshold": config.similarity_threshold, "evaluation": type(evaluation).__name__,
         "max_distance": evaluation.max_distance, "cosine_threshold_equivalent": (score_threshold - 2.0) / 2.0,
-        "top_k": 1, "data_manager": "sqlite + faiss"}}
+        "top_k": 1, "data_manager": "sqlite + faiss", "max_size": MAX_SIZE}}
 
 
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:

@@ -251,3 +251,25 @@ def test_gptcache_http_arguments_config_and_server_start_failure(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)toy exited with code 3.*no model here"):
         server.wait_ready(timeout_s=60)
     server.stop()
+
+
+def test_gptcache_http_raycache_alone_table_scales_against_the_first_level():
+    import asyncio
+
+    from bench import gptcache_http
+
+    stream = _key_stream()
+    levels = {}
+    for c in (1, 4):
+        runs = asyncio.run(gptcache_http.replay_level({gptcache_http.RAYCACHE: _KeyCache()}, stream, c, 8))
+        levels[str(c)] = {"concurrency": c, "block": 8, "wall_s": 1.0, "load_avg_1m": [0.5, 0.6],
+                          "raycache_vs_gptcache": None,
+                          "contenders": {n: r.summary() for n, r in runs.items()}}
+    scale = gptcache_http.scaling(levels)
+    rates = {c: lv["contenders"][gptcache_http.RAYCACHE]["requests_per_s"] for c, lv in levels.items()}
+    assert scale["1"] == 1.0 and scale["4"] == pytest.approx(rates["4"] / rates["1"])
+    text = gptcache_http.table(levels)
+    assert "GPTCache (gptcache_server)" not in text and f"{scale['4']:.2f}x" in text
+    argv = gptcache_http.raycache_argv(8123, 0.93, shards=2)
+    assert argv[-8:] == ["--host", "127.0.0.1", "--port", "8123", "--threshold", "0.93", "--shards", "2"]
+    assert "--shards" not in gptcache_http.raycache_argv(8123, None)
