@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, action="append", help="cache size (repeatable; default 10000)")
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"])
+    parser.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--queries", type=int, default=1000, help="single lookups and stores at capacity timed")
     parser.add_argument("--conversations", type=int, action="append",
                         help="measure the per-history overhead instead: this many conversations (repeatable)")

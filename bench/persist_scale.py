@@ -4,7 +4,7 @@ incremental segment log (``PeriodicFlush``: first base, steady-state flushes, co
     python -m bench.persist_scale --entries 10000                        # a quick check
     python -m bench.persist_scale --entries 100000 --entries 1000000    # the sizes
 
-Cache: flat index, dim ``--dim`` (384) float32 unit vectors, ``prompt <i>`` / ``response <i>`` texts
+Cache: ``--index`` (flat by default; ivf/hnsw with their default parameters), dim ``--dim`` (384) float32 unit vectors, ``prompt <i>`` / ``response <i>`` texts
 (~15 bytes each), capacity = entries. A flush interval's changes: ``--changed`` × entries new
 entries (each evicting the least recently used one) and as many semantic hits on random entries;
 ``--segments`` such flushes, then restore from base + segments, compaction, restore from the
@@ -42,17 +42,17 @@ def folder_mb(path: Path, prefix: str) -> float:
 
 
 def measure(entries: int, dim: int = 384, changed: float = 0.01, segments: int = 5, seed: int = 0,
-            tmp_dir: str | None = None) -> dict:
+            tmp_dir: str | None = None, index: str = "flat") -> dict:
     import numpy as np
 
     from raycache.cache import LRUEviction, PeriodicFlush, SemanticCache, StaticThreshold
 
     rng = np.random.default_rng(seed)
-    out: dict = {"entries": entries, "dim": dim, "changed_per_flush": changed, "segments": segments,
-                 "load_before": uptime()}
+    out: dict = {"entries": entries, "dim": dim, "index": index, "changed_per_flush": changed,
+                 "segments": segments, "load_before": uptime()}
 
     def new_cache() -> SemanticCache:
-        return SemanticCache(None, dim, eviction=LRUEviction(entries), policy=StaticThreshold(0.9))
+        return SemanticCache(None, dim, index=index, eviction=LRUEviction(entries), policy=StaticThreshold(0.9))
 
     cache = new_cache()
     next_text = 0
@@ -82,7 +82,7 @@ def measure(entries: int, dim: int = 384, changed: float = 0.01, segments: int =
         out["old_file_mb"] = npz.stat().st_size / 2**20
         gc.collect()
         t = time.perf_counter()
-        restored = SemanticCache.load(npz, eviction=LRUEviction(entries), policy=StaticThreshold(0.9))
+        restored = SemanticCache.load(npz, index=index, eviction=LRUEviction(entries), policy=StaticThreshold(0.9))
         out["old_restore_s"] = time.perf_counter() - t
         assert len(restored) == entries
         del restored
@@ -170,16 +170,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--changed", type=float, default=0.01, help="fraction of entries new (and hit) per flush")
     parser.add_argument("--segments", type=int, default=5, help="flushes before the restore and compaction")
+    parser.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
     parser.add_argument("--tmp", help="folder for the files (default: the system temp folder)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = []
     for n in args.entries or [10_000]:
-        results.append(measure(n, args.dim, args.changed, args.segments, tmp_dir=args.tmp))
+        results.append(measure(n, args.dim, args.changed, args.segments, tmp_dir=args.tmp, index=args.index))
         r = results[-1]
         print(f"{n:,} entries: load before: {r['load_before']}\n  after: {r['load_after']}", flush=True)
         print(table(results[-1:]), flush=True)
-    print()
+    print(f"\nindex {args.index}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -177,11 +177,14 @@ class EvaluateConfig(_Base):
 class CacheConfig(_Base):
     """The cache engine: index, capacity/eviction, TTL, decision policy, persistence."""
 
-    index: Literal["flat", "hnsw"] = Field("flat", description=(
-        "Exact search or HNSW (large caches): one index per namespace (entries without history)."))
+    index: Literal["flat", "hnsw", "ivf"] = Field("flat", description=(
+        "Exact search, HNSW or IVF (large caches): one index per namespace (entries without history)."))
     hnsw_m: int = Field(32, ge=2, le=256, description="HNSW graph degree (memory and recall grow with it).")
     hnsw_ef_construction: int = Field(80, ge=1, le=4096, description="HNSW build breadth (build time vs graph quality).")
     hnsw_ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth (lookup latency vs recall@1).")
+    ivf_nlist: int = Field(1024, ge=1, le=1_000_000, description=(
+        "IVF lists (k-means centroids); exact search until 39 x nlist entries, then trained once."))
+    ivf_nprobe: int = Field(64, ge=1, le=1_000_000, description="IVF lists scanned per lookup (latency vs recall@1).")
     scope_index_min: int = Field(1024, ge=2, le=1_000_000, description=(
         "Entries at which a conversation (history) or long-prompt tail scope gets an index of its "
         "own; smaller ones are searched exactly among their own rows (no index per history)."))

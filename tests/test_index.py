@@ -56,7 +56,7 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="2 ids for 3 vectors"):
         index.add(np.arange(2), np.zeros((3, 8), np.float32))
     with pytest.raises(ValueError, match="unknown index kind"):
-        make_index("ivf", 8)
+        make_index("annoy", 8)
 
 
 def test_flat_removal_is_a_tombstone_compacted_in_one_pass():

@@ -5,7 +5,7 @@ The engine composes swappable parts and needs no Ray:
 * an encoder (anything with ``encode(list[str]) -> float32 [n, dim]``; None when callers always pass
   vectors),
 * one vector index per namespace for its entries without history (``raycache.index``: exact
-  ``flat`` by default, ``hnsw`` for large caches); entries of conversation (history) and tail scopes
+  ``flat`` by default, ``hnsw`` or ``ivf`` for large caches); entries of conversation (history) and tail scopes
   are searched exactly among their own scope's rows (:class:`raycache.cache.scope_rows.ScopeRows`,
   no index per history) until the scope reaches ``scope_index_min`` entries (a system prompt shared
   by every chat, say), when it gets an index of its own; either way a lookup only ever sees entries
@@ -55,7 +55,7 @@ from raycache.cache.segments import read_persisted
 from raycache.cache.scope_rows import ScopeRows
 from raycache.cache.store import EntryStore, EntryStoreProtocol, text_key
 from raycache.config import CacheConfig, ConfigError
-from raycache.index import HNSW_PARAMS, VectorIndex, make_index
+from raycache.index import INDEX_PARAMS, VectorIndex, make_index
 from raycache.numeric import percentiles, unit_rows
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,9 @@ def _percentiles(samples: Sequence[float]) -> dict:
 class SemanticCache:
     """Semantic prompt cache over one index per namespace. Thread-safe (one re-entrant lock).
 
-    ``index``: 'flat' | 'hnsw' or a factory ``dim -> VectorIndex``; ``index_params``: the HNSW
-    parameters of ``make_index`` (``m``, ``ef_construction``, ``ef_search``); ``scope_index_min``:
+    ``index``: 'flat' | 'hnsw' | 'ivf' or a factory ``dim -> VectorIndex``; ``index_params``: that
+    kind's parameters of ``make_index`` (hnsw ``m``, ``ef_construction``, ``ef_search``; ivf
+    ``nlist``, ``nprobe``); ``scope_index_min``:
     entries at which a history or tail scope gets an index of its own (smaller ones are searched
     exactly among their rows); ``clock``: seconds (TTL and timestamps; inject a fake one in tests);
     ``model_tag``: which encoder produced the vectors (stored in snapshots; restoring one from
@@ -225,8 +226,7 @@ class SemanticCache:
             dim = int(getattr(encoder, "dim", None) or np.asarray(encoder.encode(["dim"])).shape[1])
         if policy is None:
             policy = policy_from_config(cfg, encoder)
-        index_params = ({name: getattr(cfg, f"hnsw_{name}") for name in HNSW_PARAMS}
-                        if cfg.index == "hnsw" else None)
+        index_params = {name: getattr(cfg, f"{cfg.index}_{name}") for name in INDEX_PARAMS[cfg.index]} or None
         return cls(encoder, dim, index=cfg.index, eviction=LRUEviction(cfg.capacity, cfg.ttl_s),
                    policy=policy, exact_tier=cfg.exact_tier, exact_casefold=cfg.exact_casefold,
                    clock=clock, index_params=index_params, scope_index_min=cfg.scope_index_min,
