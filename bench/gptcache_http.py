@@ -34,6 +34,7 @@ is raycache's arrivals/s over its own at the lowest concurrency of the run (``--
     python -m bench.gptcache_http --arrivals 2000 --concurrency 1,8,32
     python -m bench.gptcache_http --arrivals 200 --concurrency 1,8      # smoke run
     python -m bench.gptcache_http --no-gptcache --shards 2 --concurrency 1,16   # scaling with clients
+    python -m bench.gptcache_http --embedder engine    # raycache embedding in its engine replica
 """
 
 from __future__ import annotations
@@ -170,8 +171,10 @@ def start_gptcache(python: Path, model_dir: str, work: Path, tag: str, threads: 
     return Server(GPTCACHE, argv, f"http://127.0.0.1:{port}", "/", work / f"gptcache-{tag}.log", env)
 
 
-def raycache_argv(port: int, threshold: Optional[float], shards: int = 1) -> list[str]:
-    """``raycache serve`` on 127.0.0.1:``port`` with its defaults, but ``--threshold``/``--shards``."""
+def raycache_argv(port: int, threshold: Optional[float], shards: int = 1,
+                  embedder: str = "deployment") -> list[str]:
+    """``raycache serve`` on 127.0.0.1:``port`` with its defaults, but ``--threshold``/``--shards``/
+    ``--embedder``."""
     script = Path(sys.executable).with_name("raycache")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "raycache.cli"]
     argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -179,14 +182,17 @@ def raycache_argv(port: int, threshold: Optional[float], shards: int = 1) -> lis
         argv += ["--threshold", str(threshold)]
     if shards > 1:
         argv += ["--shards", str(shards)]
+    if embedder != "deployment":
+        argv += ["--embedder", embedder]
     return argv
 
 
-def start_raycache(work: Path, threshold: Optional[float], shards: int = 1) -> Server:
+def start_raycache(work: Path, threshold: Optional[float], shards: int = 1,
+                   embedder: str = "deployment") -> Server:
     from raycache.io import free_port
 
     port = free_port()
-    argv = raycache_argv(port, threshold, shards)
+    argv = raycache_argv(port, threshold, shards, embedder)
     return Server(RAYCACHE, argv, f"http://127.0.0.1:{port}", "/healthz", work / "raycache.log")
 
 
@@ -290,7 +296,7 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
                   gptcache_python: Optional[Path],
                   model_dir: str, work: Path, threads: int, similarity_threshold: float,
                   raycache_threshold: Optional[float], shards: int = 1, with_gptcache: bool = True,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, embedder: str = "deployment") -> dict:
     """Replay ``stream`` at each concurrency in ``levels`` against raycache (and, with
     ``with_gptcache``, a fresh GPTCache server per level); ``{"levels": {c: ...}, "info": ...}``."""
     import httpx
@@ -298,7 +304,7 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     info: dict = {}
     results: dict = {}
-    raycache = start_raycache(work, raycache_threshold, shards)
+    raycache = start_raycache(work, raycache_threshold, shards, embedder)
     gptcache: Optional[Server] = None
     try:
         info["raycache_startup_s"] = raycache.wait_ready()
@@ -389,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--raycache-threshold", type=float, default=None,
                         help="raycache serve --threshold (default: its own, cosine 0.9)")
     parser.add_argument("--shards", type=int, default=1, help="raycache serve --shards (engine replicas)")
+    parser.add_argument("--embedder", choices=["deployment", "engine"], default="deployment",
+                        help="raycache serve --embedder: the Embedder deployment, or in the engine replica")
     parser.add_argument("--no-gptcache", action="store_true",
                         help="replay raycache alone (e.g. --shards 2 --concurrency 1,16: scaling with clients)")
     parser.add_argument("--seed", type=int, default=0, help="which groups of the stream are replayed")
@@ -405,11 +413,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rcb-gptcache-http-") as work:
         out = asyncio.run(measure(stream, args.concurrency, args.block, gptcache_python, str(default_model_path()),
                                   Path(work), args.threads, args.gptcache_similarity, args.raycache_threshold,
-                                  shards=args.shards, with_gptcache=not args.no_gptcache))
+                                  shards=args.shards, with_gptcache=not args.no_gptcache,
+                                  embedder=args.embedder))
     out.update(stream="qqp", arrivals=len(stream), oracle_hit_rate=oracle_hit_rate(stream),
                concurrency=args.concurrency, threads=args.threads, gptcache_similarity=args.gptcache_similarity,
                gptcache_cosine_equivalent=cosine_of_similarity_threshold(args.gptcache_similarity),
-               raycache_threshold=args.raycache_threshold, shards=args.shards,
+               raycache_threshold=args.raycache_threshold, shards=args.shards, embedder=args.embedder,
                raycache_scaling=scaling(out["levels"]), wall_s=time.perf_counter() - started)
     print(f"\nCache-aside HTTP replay of {len(stream)} QQP dev arrivals (oracle hit rate "
           f"{out['oracle_hit_rate']:.3f}); GPTCache similarity_threshold {args.gptcache_similarity} "

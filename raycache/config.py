@@ -277,6 +277,11 @@ class ServeConfig(_Base):
         "list bypasses the cache."))
     chat_cache_tools: bool = Field(False, description="Cache chat requests that offer tools/functions.")
     chat_cache_n: bool = Field(False, description="Cache chat requests with n > 1 (all n choices).")
+    embedder: Literal["deployment", "engine"] = Field("deployment", description=(
+        "Where prompts are embedded: 'deployment' = the Embedder deployment (stateless, autoscaled, "
+        "the choice for GPUs), 'engine' = an encoder inside each CacheEngine replica (CPU: one "
+        "hop fewer per request; each engine replica gets embedder_num_cpus more CPUs and "
+        "embedder_num_cpus x embedder_max_replicas torch threads, at least 1)."))
     embedder_min_replicas: int = Field(1, ge=0)
     embedder_max_replicas: int = Field(2, ge=1)
     embedder_num_cpus: float = Field(0.5, gt=0)

@@ -1,6 +1,6 @@
 """Namespace shards (``raycache serve --shards N``): stable routing, one backend over N shards
 (routing, isolation, stats and clear fan-out, per-shard persistence), in process; then over real
-HTTP on Ray Serve with two shards: a shard killed between snapshots restores its own snapshot while
+HTTP on Ray Serve with two shards, each embedding in its own replica (``embedder: engine``): a shard killed between snapshots restores its own snapshot while
 the other keeps serving, and 16 concurrent cache-aside clients get no 5xx."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from raycache.config import CacheConfig, ServeConfig
-from raycache.service.app import CacheEngine, free_port, run
-from raycache.service.serve_config import serve_config
+from raycache.config import CacheConfig, ConfigError, ServeConfig, build_config
+from raycache.service.app import CacheEngine, app_builder, free_port, run
+from raycache.service.serve_config import (ENGINE_NUM_CPUS, deployment_options, engine_embedder_threads,
+                                           serve_config)
 from raycache.service.shards import ShardedBackend, merge_stats, shard_of, shard_persist_path
 from tests.test_service_engine import FakeEmbedderHandle
 
@@ -58,6 +59,19 @@ def test_shard_persist_paths_name_the_shard_and_the_shard_count():
     paths = {shard_persist_path("s3://bucket/cache/", i, 2) for i in range(2)}
     assert paths == {"s3://bucket/cache.shard-0-of-2", "s3://bucket/cache.shard-1-of-2"}
     assert shard_persist_path("/d/c.npz", 0, 2) != shard_persist_path("/d/c.npz", 0, 3)
+
+
+def test_embedder_in_the_engine_drops_the_embedder_deployment_and_gives_its_cpus_to_each_shard():
+    cfg = ServeConfig(shards=2, embedder="engine", embedder_num_cpus=0.5, embedder_max_replicas=4)
+    options = deployment_options(cfg)
+    assert list(options) == ["CacheEngine-0", "CacheEngine-1", "Ingress"]
+    assert options["CacheEngine-1"]["ray_actor_options"]["num_cpus"] == ENGINE_NUM_CPUS + 0.5
+    assert engine_embedder_threads(cfg) == 2 and engine_embedder_threads(ServeConfig()) == 1
+    app = ServeDeploySchema.model_validate(serve_config(cfg)).applications[0]
+    assert [d.name for d in app.deployments] == list(options) and app.args["embedder"] == "engine"
+    assert app_builder(app.args) is not None
+    with pytest.raises(ConfigError, match="embedder"):
+        build_config(ServeConfig, {"embedder": "gpu"})
 
 
 def test_serve_config_yaml_has_one_engine_deployment_per_shard():
@@ -138,8 +152,7 @@ def test_sharded_backend_routes_isolates_fans_out_and_persists_per_shard(tmp_pat
 def sharded(ray_local, tmp_path_factory):
     from ray import serve
 
-    cfg = ServeConfig(port=free_port(), blocking=False, shards=2, embedder_min_replicas=1,
-                      embedder_max_replicas=1,
+    cfg = ServeConfig(port=free_port(), blocking=False, shards=2, embedder="engine",  # each shard embeds
                       cache=CacheConfig(threshold=0.85, persist_interval_s=1.0,
                                         persist_path=str(tmp_path_factory.mktemp("shards") / "cache.npz")))
     try:
@@ -151,7 +164,11 @@ def sharded(ray_local, tmp_path_factory):
 
 
 def test_two_shards_over_http_count_all_entries_and_clear_everywhere(sharded):
+    from ray import serve
+
     client, _ = sharded
+    deployments = serve.status().applications["raycache"].deployments
+    assert sorted(deployments) == ["CacheEngine-0", "CacheEngine-1", "Ingress"]  # embedder: engine
     client.delete("/v1/cache")
     spread = namespaces_on(0, 2, 2) + namespaces_on(1, 2, 1)
     for ns in spread:

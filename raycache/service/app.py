@@ -3,6 +3,8 @@
 * ``Embedder``: the sentence encoder, requests batched across callers with ``@serve.batch``;
   autoscaling replicas (CPU, or GPU when ``embedder_num_gpus`` > 0). With each vector it returns the
   key of the prompt's text beyond the model's window, which scopes long prompts (an exact match).
+  With ``embedder: engine`` there is no Embedder deployment: each CacheEngine replica holds the
+  same :class:`BatchedEncoder` (CPU deployments: one hop fewer per request).
 * ``CacheEngine``: one stateful replica owning the SemanticCache; loads the snapshot on start,
   appends what changed to its segment log every ``persist_interval_s`` and on shutdown; exports Ray metrics
   (Prometheus through Ray's metrics agent, tagged with the shard), gauges updated on every request.
@@ -35,7 +37,7 @@ from raycache.config import CacheConfig, ConfigError, EncoderConfig, ServeConfig
 from raycache.cache.scope import tail_key
 from raycache.io import free_port
 from raycache.service.api import ApiSettings, EngineBackend, create_app, key_digest, read_api_keys
-from raycache.service.serve_config import APP_NAME, deployment_options
+from raycache.service.serve_config import APP_NAME, deployment_options, engine_embedder_threads
 from raycache.service.shards import ShardedBackend, engine_deployment_name, shard_persist_path
 
 logger = logging.getLogger(__name__)
@@ -48,23 +50,30 @@ def model_tag(encoder_cfg: EncoderConfig) -> str:
     return encoder_cfg.model or "default"
 
 
-@serve.deployment(name="Embedder", max_ongoing_requests=32)
-class Embedder:
-    """Texts -> L2-normalised float32 vectors; concurrent requests are batched together."""
+class BatchedEncoder:
+    """Texts -> L2-normalised float32 vectors from the sentence encoder of ``encoder_cfg``;
+    concurrent calls in one process share forward passes (``@serve.batch``). The Embedder
+    deployment is one; with ``ServeConfig.embedder: engine`` each CacheEngine replica holds its own.
+    ``threads``: torch intra-op threads (None = as the process was started)."""
 
-    def __init__(self, encoder_cfg: dict, max_batch_size: int, batch_wait_s: float):
+    def __init__(self, encoder_cfg: dict, max_batch_size: int, batch_wait_s: float,
+                 threads: Optional[int] = None):
         from raycache.encoder import Encoder
 
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         cfg = EncoderConfig(**encoder_cfg)
         self.encoder = Encoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
         self.batch_size = cfg.batch_size
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    def dim(self) -> int:
+    async def dim(self) -> int:
         return self.encoder.dim
 
-    def window(self) -> int:
+    async def window(self) -> int:
         """Tokens embedded per prompt (longer prompts are scoped by their tail)."""
         return self.encoder.max_length
 
@@ -82,6 +91,28 @@ class Embedder:
         """(``embed(texts)``, the key of each text's part beyond the window; "" if it all fits)."""
         vectors = await self.embed(texts)
         return vectors, [tail_key(t) for t in self.encoder.unembedded_tails(texts)]
+
+
+@serve.deployment(name="Embedder", max_ongoing_requests=32)
+class Embedder(BatchedEncoder):
+    """The embedder deployment: stateless :class:`BatchedEncoder` replicas (CPU, or GPU when
+    ``embedder_num_gpus`` > 0), autoscaled, shared by every CacheEngine shard."""
+
+
+class _EmbedderHandle:
+    """:class:`BatchedEncoder`'s async interface over an Embedder DeploymentHandle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def dim(self) -> int:
+        return await self.handle.dim.remote()
+
+    async def window(self) -> Optional[int]:
+        return await self.handle.window.remote() if hasattr(self.handle, "window") else None
+
+    async def embed_with_tails(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        return await self.handle.embed_with_tails.remote(texts)
 
 
 class _EngineMetrics:
@@ -126,15 +157,20 @@ class _EngineMetrics:
 
 @serve.deployment(name="CacheEngine", num_replicas=1, max_ongoing_requests=1024)
 class CacheEngine:
-    """A stateful replica: a SemanticCache fed vectors by the Embedder (shard ``shard`` of
-    ``shards``: it holds the namespaces that hash to it and persists to its own path)."""
+    """A stateful replica: a SemanticCache fed vectors by the Embedder deployment (``embedder``
+    a DeploymentHandle), or by an encoder of its own (``embedder`` the keyword arguments of a
+    :class:`BatchedEncoder`: one hop fewer per request). Shard ``shard`` of ``shards``: it holds
+    the namespaces that hash to it and persists to its own path."""
 
-    async def __init__(self, embedder: DeploymentHandle, cache_cfg: dict, tag: str, shard: int = 0,
+    async def __init__(self, embedder: DeploymentHandle | dict, cache_cfg: dict, tag: str, shard: int = 0,
                        shards: int = 1):
         cfg = CacheConfig(**cache_cfg)
-        self.embedder = embedder
-        dim = await embedder.dim.remote()
-        self.window = await embedder.window.remote() if hasattr(embedder, "window") else None
+        if isinstance(embedder, dict):
+            self.embedder = await asyncio.to_thread(BatchedEncoder, **embedder)
+        else:
+            self.embedder = _EmbedderHandle(embedder)
+        dim = await self.embedder.dim()
+        self.window = await self.embedder.window()
         self.tag = tag
         self.shard = shard
         policy = await self._policy(cfg)
@@ -150,7 +186,7 @@ class CacheEngine:
             self.saver.start()
 
     async def _embed(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
-        return await self.embedder.embed_with_tails.remote(texts)
+        return await self.embedder.embed_with_tails(texts)
 
     async def _policy(self, cfg: CacheConfig):
         """The decision policy of ``cfg`` (:func:`policy_from_config`, the one place it is built);
@@ -279,10 +315,15 @@ def api_settings(cfg: ServeConfig) -> ApiSettings:
 
 
 def build_app(cfg: ServeConfig):
-    """The bound Serve application (Embedder -> CacheEngine shard(s) <- Ingress) for ``cfg``."""
+    """The bound Serve application (Embedder -> CacheEngine shard(s) <- Ingress, or CacheEngine
+    shard(s) embedding themselves <- Ingress with ``embedder: engine``) for ``cfg``."""
     options = deployment_options(cfg)
-    embedder = Embedder.options(**options["Embedder"]).bind(
-        cfg.encoder.model_dump(), cfg.serve_batch_size, cfg.serve_batch_wait_s)
+    encoder_args = {"encoder_cfg": cfg.encoder.model_dump(), "max_batch_size": cfg.serve_batch_size,
+                    "batch_wait_s": cfg.serve_batch_wait_s}
+    if cfg.embedder == "engine":  # each engine replica embeds itself
+        embedder = {**encoder_args, "threads": engine_embedder_threads(cfg)}
+    else:
+        embedder = Embedder.options(**options["Embedder"]).bind(**encoder_args)
     from raycache.service.verify import engine_cache_config, online_settings
 
     engines = []

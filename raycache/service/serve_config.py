@@ -22,27 +22,44 @@ from raycache.service.shards import engine_deployment_name
 APP_NAME = "raycache"
 ENGINE_NUM_CPUS = 0.25
 INGRESS_NUM_CPUS = 0.25
+ENGINE_ENV_VARS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""Environment of each CacheEngine replica's process. A fixed 128 KiB mmap threshold stops glibc
+from raising it as large arrays are freed, so the engine's growing columns and index lists go back
+to the OS when they are reallocated instead of staying in the heap (bench/README §6a: 2,459 ->
+2,038 bytes per entry at 1M entries with the IVF index)."""
 
 # ServeConfig fields that configure this process, not the application
 _PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
 
 
+def engine_embedder_threads(cfg: ServeConfig) -> int:
+    """Torch threads of the encoder in each CacheEngine replica (``embedder: engine``): the CPUs
+    the Embedder replicas would have had at most, whole."""
+    return max(1, round(cfg.embedder_num_cpus * cfg.embedder_max_replicas))
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
     """Serve options per deployment name (also written into the ``serve deploy`` YAML): the
-    Embedder, one CacheEngine per shard (one replica each: a shard is state), the Ingress."""
+    Embedder (unless ``embedder: engine``), one CacheEngine per shard (one replica each: a shard
+    is state), the Ingress."""
+    in_engine = cfg.embedder == "engine"
+    engine_cpus = ENGINE_NUM_CPUS + (cfg.embedder_num_cpus if in_engine else 0)
+    embedder = {} if in_engine else {"Embedder": {
+        "autoscaling_config": {
+            "min_replicas": cfg.embedder_min_replicas,
+            "initial_replicas": max(1, cfg.embedder_min_replicas),
+            "max_replicas": max(cfg.embedder_max_replicas, cfg.embedder_min_replicas, 1),
+            "target_ongoing_requests": 4},
+        "max_ongoing_requests": max(32, cfg.serve_batch_size),
+        "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
+    }}
+    def engine() -> dict:  # a new dict per shard (the YAML gets no aliases)
+        return {"num_replicas": 1, "ray_actor_options": {
+            "num_cpus": engine_cpus, "runtime_env": {"env_vars": dict(ENGINE_ENV_VARS)}}}
+
     return {
-        "Embedder": {
-            "autoscaling_config": {
-                "min_replicas": cfg.embedder_min_replicas,
-                "initial_replicas": max(1, cfg.embedder_min_replicas),
-                "max_replicas": max(cfg.embedder_max_replicas, cfg.embedder_min_replicas, 1),
-                "target_ongoing_requests": 4},
-            "max_ongoing_requests": max(32, cfg.serve_batch_size),
-            "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
-        },
-        **{engine_deployment_name(shard, cfg.shards): {"num_replicas": 1,
-                                                         "ray_actor_options": {"num_cpus": ENGINE_NUM_CPUS}}
-           for shard in range(cfg.shards)},
+        **embedder,
+        **{engine_deployment_name(shard, cfg.shards): engine() for shard in range(cfg.shards)},
         "Ingress": {"ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS}},
     }
 
