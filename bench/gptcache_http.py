@@ -172,9 +172,9 @@ def start_gptcache(python: Path, model_dir: str, work: Path, tag: str, threads: 
 
 
 def raycache_argv(port: int, threshold: Optional[float], shards: int = 1,
-                  embedder: str = "deployment") -> list[str]:
+                  embedder: str = "deployment", extra: Sequence[str] = ()) -> list[str]:
     """``raycache serve`` on 127.0.0.1:``port`` with its defaults, but ``--threshold``/``--shards``/
-    ``--embedder``."""
+    ``--embedder`` and the ``extra`` flags."""
     script = Path(sys.executable).with_name("raycache")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "raycache.cli"]
     argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -184,15 +184,15 @@ def raycache_argv(port: int, threshold: Optional[float], shards: int = 1,
         argv += ["--shards", str(shards)]
     if embedder != "deployment":
         argv += ["--embedder", embedder]
-    return argv
+    return argv + list(extra)
 
 
 def start_raycache(work: Path, threshold: Optional[float], shards: int = 1,
-                   embedder: str = "deployment") -> Server:
+                   embedder: str = "deployment", extra: Sequence[str] = ()) -> Server:
     from raycache.io import free_port
 
     port = free_port()
-    argv = raycache_argv(port, threshold, shards, embedder)
+    argv = raycache_argv(port, threshold, shards, embedder, extra)
     return Server(RAYCACHE, argv, f"http://127.0.0.1:{port}", "/healthz", work / "raycache.log")
 
 
@@ -296,7 +296,8 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
                   gptcache_python: Optional[Path],
                   model_dir: str, work: Path, threads: int, similarity_threshold: float,
                   raycache_threshold: Optional[float], shards: int = 1, with_gptcache: bool = True,
-                  progress: bool = True, embedder: str = "deployment") -> dict:
+                  progress: bool = True, embedder: str = "deployment",
+                  raycache_extra: Sequence[str] = ()) -> dict:
     """Replay ``stream`` at each concurrency in ``levels`` against raycache (and, with
     ``with_gptcache``, a fresh GPTCache server per level); ``{"levels": {c: ...}, "info": ...}``."""
     import httpx
@@ -304,7 +305,7 @@ async def measure(stream: list[tuple[str, str]], levels: Sequence[int], block: i
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     info: dict = {}
     results: dict = {}
-    raycache = start_raycache(work, raycache_threshold, shards, embedder)
+    raycache = start_raycache(work, raycache_threshold, shards, embedder, raycache_extra)
     gptcache: Optional[Server] = None
     try:
         info["raycache_startup_s"] = raycache.wait_ready()
@@ -397,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--shards", type=int, default=1, help="raycache serve --shards (engine replicas)")
     parser.add_argument("--embedder", choices=["deployment", "engine"], default="deployment",
                         help="raycache serve --embedder: the Embedder deployment, or in the engine replica")
+    parser.add_argument("--raycache-flags", default="",
+                        help="more raycache serve flags, one string (e.g. '--embedder-num-cpus 1')")
     parser.add_argument("--no-gptcache", action="store_true",
                         help="replay raycache alone (e.g. --shards 2 --concurrency 1,16: scaling with clients)")
     parser.add_argument("--seed", type=int, default=0, help="which groups of the stream are replayed")
@@ -414,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out = asyncio.run(measure(stream, args.concurrency, args.block, gptcache_python, str(default_model_path()),
                                   Path(work), args.threads, args.gptcache_similarity, args.raycache_threshold,
                                   shards=args.shards, with_gptcache=not args.no_gptcache,
-                                  embedder=args.embedder))
+                                  embedder=args.embedder, raycache_extra=args.raycache_flags.split()))
     out.update(stream="qqp", arrivals=len(stream), oracle_hit_rate=oracle_hit_rate(stream),
                concurrency=args.concurrency, threads=args.threads, gptcache_similarity=args.gptcache_similarity,
                gptcache_cosine_equivalent=cosine_of_similarity_threshold(args.gptcache_similarity),
