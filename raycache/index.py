@@ -35,6 +35,16 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+
+def _drop_returning(index, dead: set[int], ids: np.ndarray) -> None:
+    """Before ``ids`` are added again to a FAISS ``index`` that tombstones removals in ``dead``,
+    remove the old rows of those that come back, for good."""
+    if dead:
+        again = [i for i in ids.tolist() if i in dead]
+        if again:
+            index.remove_ids(np.asarray(again, np.int64))
+            dead.difference_update(again)
+
 def _as_vectors(x: np.ndarray, dim: int) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim == 1:
@@ -183,11 +193,7 @@ class FlatIndex:
         vecs, ids = _as_vectors(vectors, self.dim), _as_ids(ids)
         if len(ids) != len(vecs):
             raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
-        if self._dead:
-            again = [i for i in ids.tolist() if i in self._dead]
-            if again:  # an id coming back: drop its old row for good first
-                self._index.remove_ids(np.asarray(again, np.int64))
-                self._dead.difference_update(again)
+        _drop_returning(self._index, self._dead, ids)
         self._index.add_with_ids(vecs, ids)
 
     def remove(self, ids: np.ndarray) -> None:
@@ -370,11 +376,7 @@ class IVFIndex:
                 live = self._flat.live_ids()
                 self._train(live, self._flat.vectors(live))
             return
-        if self._dead:
-            again = [i for i in ids.tolist() if i in self._dead]
-            if again:  # an id coming back: drop its old row for good first
-                self._ivf.remove_ids(np.asarray(again, np.int64))
-                self._dead.difference_update(again)
+        _drop_returning(self._ivf, self._dead, ids)
         self._ivf.add_with_ids(vecs, ids)
         self._live += len(ids)
 
