@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -277,11 +277,13 @@ class ServeConfig(_Base):
         "list bypasses the cache."))
     chat_cache_tools: bool = Field(False, description="Cache chat requests that offer tools/functions.")
     chat_cache_n: bool = Field(False, description="Cache chat requests with n > 1 (all n choices).")
-    embedder: Literal["deployment", "engine"] = Field("deployment", description=(
+    embedder: Literal["deployment", "engine", "ingress"] = Field("deployment", description=(
         "Where prompts are embedded: 'deployment' = the Embedder deployment (stateless, autoscaled, "
         "the choice for GPUs), 'engine' = an encoder inside each CacheEngine replica (CPU: one "
         "hop fewer per request; each engine replica gets embedder_num_cpus more CPUs and "
-        "embedder_num_cpus x embedder_max_replicas torch threads, at least 1)."))
+        "embedder_num_cpus x embedder_max_replicas torch threads, at least 1), 'ingress' = one "
+        "process: the single Ingress replica holds the cache engine and its encoder (shards 1 only; "
+        "two hops fewer per request; it gets the engine's CPUs)."))
     embedder_min_replicas: int = Field(1, ge=0)
     embedder_max_replicas: int = Field(2, ge=1)
     embedder_num_cpus: float = Field(0.5, gt=0)
@@ -295,6 +297,13 @@ class ServeConfig(_Base):
     write_serve_config: Optional[str] = Field(
         None, description="Write a `serve deploy` YAML for this config to this path and exit.")
     verify: VerifyConfig = VerifyConfig()
+
+    @model_validator(mode="after")
+    def _one_shard_in_the_ingress(self) -> "ServeConfig":
+        if self.embedder == "ingress" and self.shards != 1:
+            raise ValueError(f"embedder 'ingress' holds one cache in the Ingress replica: it needs "
+                             f"shards 1, not {self.shards} (use embedder 'engine' with shards)")
+        return self
 
 
 class SimulateConfig(_Base):

@@ -19,8 +19,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from raycache.config import CacheConfig, ConfigError, ServeConfig, build_config
 from raycache.service.app import CacheEngine, app_builder, free_port, run
-from raycache.service.serve_config import (ENGINE_NUM_CPUS, deployment_options, engine_embedder_threads,
-                                           serve_config)
+from raycache.service.serve_config import (ENGINE_ENV_VARS, ENGINE_NUM_CPUS, INGRESS_NUM_CPUS,
+                                           deployment_options, engine_embedder_threads, serve_config)
 from raycache.service.shards import ShardedBackend, merge_stats, shard_of, shard_persist_path
 from tests.test_service_engine import FakeEmbedderHandle
 
@@ -66,12 +66,30 @@ def test_embedder_in_the_engine_drops_the_embedder_deployment_and_gives_its_cpus
     options = deployment_options(cfg)
     assert list(options) == ["CacheEngine-0", "CacheEngine-1", "Ingress"]
     assert options["CacheEngine-1"]["ray_actor_options"]["num_cpus"] == ENGINE_NUM_CPUS + 0.5
+    assert "runtime_env" not in options["CacheEngine-1"]["ray_actor_options"]  # it embeds
+    served = deployment_options(ServeConfig(shards=2))["CacheEngine-1"]["ray_actor_options"]
+    assert served["runtime_env"]["env_vars"] == ENGINE_ENV_VARS  # engines that only search and store
     assert engine_embedder_threads(cfg) == 2 and engine_embedder_threads(ServeConfig()) == 1
     app = ServeDeploySchema.model_validate(serve_config(cfg)).applications[0]
     assert [d.name for d in app.deployments] == list(options) and app.args["embedder"] == "engine"
     assert app_builder(app.args) is not None
     with pytest.raises(ConfigError, match="embedder"):
         build_config(ServeConfig, {"embedder": "gpu"})
+
+
+def test_embedder_in_the_ingress_is_one_deployment_holding_one_shard():
+    cfg = ServeConfig(embedder="ingress", embedder_num_cpus=0.5)
+    options = deployment_options(cfg)
+    assert list(options) == ["Ingress"] and options["Ingress"]["num_replicas"] == 1
+    actor = options["Ingress"]["ray_actor_options"]
+    assert actor["num_cpus"] == INGRESS_NUM_CPUS + ENGINE_NUM_CPUS + 0.5
+    assert "runtime_env" not in actor  # the malloc threshold would slow its encoder
+    app = ServeDeploySchema.model_validate(serve_config(cfg)).applications[0]
+    assert [d.name for d in app.deployments] == ["Ingress"]
+    built = app_builder(app.args)
+    assert built is not None
+    with pytest.raises(ConfigError, match="shards 1"):
+        build_config(ServeConfig, {"embedder": "ingress", "shards": 2})
 
 
 def test_serve_config_yaml_has_one_engine_deployment_per_shard():

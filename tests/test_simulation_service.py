@@ -1,6 +1,7 @@
 """One stream replayed offline (Ray Data embedding + engine decisions) and live (HTTP client actors
 against the Ray Serve service) on a local Ray: the same hit/miss decisions for the same stream, model
-and threshold. One Serve start for the module."""
+and threshold. One Serve start for the module, with ``embedder: ingress`` (the cache and its encoder in
+the one Ingress replica; the other service tests run the Embedder and CacheEngine deployments)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,17 @@ def offline_run(ray_local, stream_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service_url(ray_local, offline_run):
+def service_url(ray_local, offline_run, tmp_path_factory):
     from ray import serve
 
     from raycache.service import app
 
-    cfg = ServeConfig(cache=CacheConfig(threshold=offline_run["threshold"], capacity=None),
-                      port=0, blocking=False, embedder_max_replicas=1)
+    # embedder: ingress: one Serve deployment holding the cache and its encoder; the replay must
+    # make exactly the offline decisions through it too
+    persist = tmp_path_factory.mktemp("ingress") / "cache"
+    cfg = ServeConfig(cache=CacheConfig(threshold=offline_run["threshold"], capacity=None,
+                                        persist_path=str(persist), persist_interval_s=3600),
+                      port=0, blocking=False, embedder="ingress")
     url = app.start(cfg)
     yield url
     serve.shutdown()
@@ -121,3 +126,22 @@ def test_live_replay_with_two_client_actors_and_a_rate_cap(service_url, stream_p
     assert m["hits"] + m["llm_calls"] == 100 and m["correct_hits"] + m["false_hits"] == m["hits"]
     assert report["store_latency"]["count"] == m["llm_calls"]
     assert report["service_stats"]["entries"] == m["llm_calls"]
+
+
+def test_the_ingress_holds_the_cache_and_saves_it_on_request(service_url, tmp_path_factory):
+    import httpx
+    from ray import serve
+
+    from raycache.service.serve_config import APP_NAME
+
+    assert sorted(serve.status().applications[APP_NAME].deployments) == ["Ingress"]
+    _clear(service_url)
+    stored = httpx.post(f"{service_url}/v1/cache/store", timeout=60,
+                        json={"prompt": "what is the tallest mountain?", "response": "Everest"})
+    stored.raise_for_status()
+    hit = httpx.post(f"{service_url}/v1/cache/lookup", json={"prompt": "what is the tallest mountain?"},
+                     timeout=60).json()
+    assert hit["hit"] and hit["response"] == "Everest"
+    assert serve.get_deployment_handle("Ingress", app_name=APP_NAME).save.remote().result() is True
+    stats = httpx.get(f"{service_url}/v1/cache/stats", timeout=60).json()
+    assert stats["entries"] == 1 and stats["persistence"]["enabled"]

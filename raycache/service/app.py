@@ -10,7 +10,9 @@
   (Prometheus through Ray's metrics agent, tagged with the shard), gauges updated on every request.
   With ``shards`` N > 1 there are N of them (``CacheEngine-0`` … ``CacheEngine-{N-1}``, one replica
   each, each persisting to its own path); a namespace lives on one (:mod:`raycache.service.shards`).
-* ``Ingress``: the FastAPI app of :mod:`raycache.service.api` over the shard(s).
+* ``Ingress``: the FastAPI app of :mod:`raycache.service.api` over the shard(s). With
+  ``embedder: ingress`` it is the only deployment: one replica builds a CacheEngine (the same class,
+  encoder included) in its own process (:func:`local_engine`), two hops fewer per request.
 
 ``build_app(cfg)`` returns the bound application; ``app_builder(args)`` is the ``import_path`` target
 of the ``serve deploy`` YAML (:mod:`raycache.service.serve_config`); ``run(cfg)`` is
@@ -277,23 +279,46 @@ class _RemoteBackend:
         return await self.engine.clear.remote(namespace)
 
 
+async def local_engine(**engine_args) -> Any:
+    """A CacheEngine built in this process (not a deployment): the same class, its async
+    ``__init__`` awaited here, so ``embedder: ingress`` runs the very code of a CacheEngine replica."""
+    cls = CacheEngine.func_or_class
+    engine = cls.__new__(cls)
+    await cls.__init__(engine, **engine_args)
+    return engine
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
     """HTTP entry point: the FastAPI app, built on the replica over the CacheEngine handle(s)
-    (one per shard, in shard order; a single handle = unsharded)."""
+    (one per shard, in shard order; a single handle = unsharded), or, with ``embedder: ingress``
+    (``engines`` = ``{"local": CacheEngine arguments}``), over a CacheEngine in this replica."""
 
-    def __init__(self, engines: Any, settings: dict, online: Optional[dict] = None):
-        self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+    async def __init__(self, engines: Any, settings: dict, online: Optional[dict] = None):
+        self.local = None
+        if isinstance(engines, dict):
+            self.local = await local_engine(**engines["local"])
+            self.engines = []
+        else:
+            self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
         self.settings = ApiSettings(**settings)
         self.online = online  # online verification (raycache.service.verify), None = off
 
     def __serve_build_asgi_app__(self):
         from raycache.service.verify import wrap_backend
 
-        shards = [_RemoteBackend(engine) for engine in self.engines]
+        shards = [self.local] if self.local else [_RemoteBackend(engine) for engine in self.engines]
         backend = shards[0] if len(shards) == 1 else ShardedBackend(shards)
         return create_app(wrap_backend(backend, self.online), self.settings)
+
+    async def save(self) -> bool:
+        """Write the in-replica cache's snapshot now (``embedder: ingress``, persistence on)."""
+        return await asyncio.to_thread(self.local.save) if self.local else False
+
+    def __del__(self) -> None:
+        if getattr(self, "local", None) is not None:
+            self.local.__del__()
 
 
 def api_settings(cfg: ServeConfig) -> ApiSettings:
@@ -320,12 +345,17 @@ def build_app(cfg: ServeConfig):
     options = deployment_options(cfg)
     encoder_args = {"encoder_cfg": cfg.encoder.model_dump(), "max_batch_size": cfg.serve_batch_size,
                     "batch_wait_s": cfg.serve_batch_wait_s}
-    if cfg.embedder == "engine":  # each engine replica embeds itself
+    if cfg.embedder in ("engine", "ingress"):  # each engine replica embeds itself
         embedder = {**encoder_args, "threads": engine_embedder_threads(cfg)}
     else:
         embedder = Embedder.options(**options["Embedder"]).bind(**encoder_args)
     from raycache.service.verify import engine_cache_config, online_settings
 
+    if cfg.embedder == "ingress":  # one process: the Ingress replica holds the one shard
+        local = {"embedder": embedder, "cache_cfg": engine_cache_config(cfg),
+                 "tag": model_tag(cfg.encoder)}
+        return Ingress.options(**options["Ingress"]).bind(
+            {"local": local}, api_settings(cfg).model_dump(), online_settings(cfg))
     engines = []
     for shard in range(cfg.shards):
         name = engine_deployment_name(shard, cfg.shards)
@@ -355,11 +385,12 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{host}:{port}"
 
 
-def stop(shards: int = 1) -> bool:
-    """Save the running cache's shard(s) (if persistence is on) and shut Serve down; returns
-    whether every shard wrote a snapshot."""
-    handles = [serve.get_deployment_handle(engine_deployment_name(i, shards), app_name=APP_NAME)
-               for i in range(shards)]
+def stop(shards: int = 1, embedder: str = "deployment") -> bool:
+    """Save the running cache's shard(s) (if persistence is on; in the Ingress replica with
+    ``embedder: ingress``) and shut Serve down; returns whether every shard wrote a snapshot."""
+    names = (["Ingress"] if embedder == "ingress"
+             else [engine_deployment_name(i, shards) for i in range(shards)])
+    handles = [serve.get_deployment_handle(name, app_name=APP_NAME) for name in names]
     saved = all([response.result() for response in [h.save.remote() for h in handles]])
     serve.shutdown()
     return saved
@@ -400,5 +431,5 @@ def run(cfg: ServeConfig) -> dict:
         print("raycache: shutting down (saving the cache)...", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary["saved"] = stop(cfg.shards)
+    summary["saved"] = stop(cfg.shards, cfg.embedder)
     return summary

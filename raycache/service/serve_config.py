@@ -26,7 +26,9 @@ ENGINE_ENV_VARS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Environment of each CacheEngine replica's process. A fixed 128 KiB mmap threshold stops glibc
 from raising it as large arrays are freed, so the engine's growing columns and index lists go back
 to the OS when they are reallocated instead of staying in the heap (bench/README §6a: 2,459 ->
-2,038 bytes per entry at 1M entries with the IVF index)."""
+2,038 bytes per entry at 1M entries with the IVF index). Set only where the engine does not embed
+(``embedder: deployment``): it costs an encoder in the same process ~25% of its speed (every
+activation tensor over 128 KiB becomes a fresh mmap)."""
 
 # ServeConfig fields that configure this process, not the application
 _PROCESS_FIELDS = {"host", "port", "blocking", "write_serve_config"}
@@ -40,10 +42,14 @@ def engine_embedder_threads(cfg: ServeConfig) -> int:
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
     """Serve options per deployment name (also written into the ``serve deploy`` YAML): the
-    Embedder (unless ``embedder: engine``), one CacheEngine per shard (one replica each: a shard
-    is state), the Ingress."""
-    in_engine = cfg.embedder == "engine"
+    Embedder (unless ``embedder: engine`` or ``ingress``), one CacheEngine per shard (one replica
+    each: a shard is state; none with ``embedder: ingress``), the Ingress (one replica holding
+    the cache, with the engine's CPUs and environment, with ``embedder: ingress``)."""
+    in_engine = cfg.embedder in ("engine", "ingress")
     engine_cpus = ENGINE_NUM_CPUS + (cfg.embedder_num_cpus if in_engine else 0)
+    if cfg.embedder == "ingress":
+        return {"Ingress": {"num_replicas": 1, "ray_actor_options": {
+            "num_cpus": INGRESS_NUM_CPUS + engine_cpus}}}
     embedder = {} if in_engine else {"Embedder": {
         "autoscaling_config": {
             "min_replicas": cfg.embedder_min_replicas,
@@ -54,8 +60,10 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
         "ray_actor_options": {"num_cpus": cfg.embedder_num_cpus, "num_gpus": cfg.embedder_num_gpus},
     }}
     def engine() -> dict:  # a new dict per shard (the YAML gets no aliases)
-        return {"num_replicas": 1, "ray_actor_options": {
-            "num_cpus": engine_cpus, "runtime_env": {"env_vars": dict(ENGINE_ENV_VARS)}}}
+        actor = {"num_cpus": engine_cpus}
+        if not in_engine:  # the threshold slows an encoder in the same process (ENGINE_ENV_VARS)
+            actor["runtime_env"] = {"env_vars": dict(ENGINE_ENV_VARS)}
+        return {"num_replicas": 1, "ray_actor_options": actor}
 
     return {
         **embedder,
