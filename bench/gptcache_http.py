@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="raycache serve --threshold (default: its own, cosine 0.9)")
     parser.add_argument("--shards", type=int, default=1, help="raycache serve --shards (engine replicas)")
     parser.add_argument("--embedder", choices=["deployment", "engine", "ingress"], default="deployment",
-                        help="raycache serve --embedder: the Embedder deployment, or in the engine replica")
+                        help="raycache serve --embedder: the Embedder deployment, in the engine replica, or cache and encoder in the Ingress replica")
     parser.add_argument("--raycache-flags", default="",
                         help="more raycache serve flags, one string (e.g. '--embedder-num-cpus 1')")
     parser.add_argument("--no-gptcache", action="store_true",

@@ -35,7 +35,6 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
-
 def _drop_returning(index, dead: set[int], ids: np.ndarray) -> None:
     """Before ``ids`` are added again to a FAISS ``index`` that tombstones removals in ``dead``,
     remove the old rows of those that come back, for good."""
@@ -44,6 +43,7 @@ def _drop_returning(index, dead: set[int], ids: np.ndarray) -> None:
         if again:
             index.remove_ids(np.asarray(again, np.int64))
             dead.difference_update(again)
+
 
 def _as_vectors(x: np.ndarray, dim: int) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))

@@ -128,7 +128,7 @@ def test_live_replay_with_two_client_actors_and_a_rate_cap(service_url, stream_p
     assert report["service_stats"]["entries"] == m["llm_calls"]
 
 
-def test_the_ingress_holds_the_cache_and_saves_it_on_request(service_url, tmp_path_factory):
+def test_the_ingress_holds_the_cache_and_saves_it_on_request(service_url):
     import httpx
     from ray import serve
 

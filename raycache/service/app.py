@@ -308,15 +308,16 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from raycache.service.verify import wrap_backend
 
-        shards = [self.local] if self.local else [_RemoteBackend(engine) for engine in self.engines]
+        shards = ([self.local] if self.local is not None
+                  else [_RemoteBackend(engine) for engine in self.engines])
         backend = shards[0] if len(shards) == 1 else ShardedBackend(shards)
         return create_app(wrap_backend(backend, self.online), self.settings)
 
     async def save(self) -> bool:
         """Write the in-replica cache's snapshot now (``embedder: ingress``, persistence on)."""
-        return await asyncio.to_thread(self.local.save) if self.local else False
+        return await asyncio.to_thread(self.local.save) if self.local is not None else False
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # the final flush at replica shutdown, not whenever GC runs
         if getattr(self, "local", None) is not None:
             self.local.__del__()
 

@@ -44,7 +44,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict]:
     """Serve options per deployment name (also written into the ``serve deploy`` YAML): the
     Embedder (unless ``embedder: engine`` or ``ingress``), one CacheEngine per shard (one replica
     each: a shard is state; none with ``embedder: ingress``), the Ingress (one replica holding
-    the cache, with the engine's CPUs and environment, with ``embedder: ingress``)."""
+    the cache, with the engine's CPUs, with ``embedder: ingress``). ENGINE_ENV_VARS go only to
+    engine replicas that do not embed."""
     in_engine = cfg.embedder in ("engine", "ingress")
     engine_cpus = ENGINE_NUM_CPUS + (cfg.embedder_num_cpus if in_engine else 0)
     if cfg.embedder == "ingress":
