@@ -37,6 +37,7 @@ def is_default_model(model) -> bool:
     """True for None, '' and the aliases 'default' / 'base' (when no such folder exists)."""
     return model in (None, "") or (str(model) in DEFAULT_MODEL_ALIASES and not Path(str(model)).exists())
 PRECISIONS = ("fp32", "int8")
+_CONFIGURED = object()  # Encoder.from_config: no model passed, use the config's
 
 
 class EncoderError(RuntimeError):
@@ -217,6 +218,13 @@ class Encoder(torch.nn.Module):
         enc.to(resolve_device(device))
         enc.eval()
         return enc.quantize_int8() if precision == "int8" else enc
+
+    @classmethod
+    def from_config(cls, cfg, model: str | os.PathLike | None | object = _CONFIGURED) -> "Encoder":
+        """``load`` with an :class:`~raycache.config.EncoderConfig`'s device, max_length and
+        precision; ``model``, when passed (None = the embedded default), instead of ``cfg.model``."""
+        return cls.load(cfg.model if model is _CONFIGURED else model, device=cfg.device,
+                        max_length=cfg.max_length, precision=cfg.precision)
 
     def quantize_int8(self) -> "Encoder":
         """Opt-in CPU speed lever: int8 dynamic quantisation of the transformer's Linear layers.

@@ -152,7 +152,7 @@ def evaluate_models(pairs: pd.DataFrame, models: Sequence[str | None], encoder_c
         name = model_label(model)
         if name in results:
             name = f"{name}_{len(results)}"
-        encoder = Encoder.load(model, device=encoder_cfg.device, max_length=encoder_cfg.max_length)
+        encoder = Encoder.from_config(encoder_cfg, model)
         s = pair_similarities(encoder, labelled["prompt_a"].tolist(), labelled["prompt_b"].tolist(),
                               batch_size=encoder_cfg.batch_size, progress=progress)
         results[name] = {"model": model or "all-MiniLM-L6-v2 (embedded default)",

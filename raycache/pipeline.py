@@ -199,7 +199,7 @@ def _operating_points(cfg: PipelineConfig, lay: Layout, models: list[str], cache
         tvec = np.load(emb) if emb and Path(emb).exists() else None
         # the val stream has a few hundred distinct prompts: embedded here, in the driver, faster than
         # starting an actor for them
-        encoder = Encoder.load(model, device=cfg.encoder.device, max_length=cfg.encoder.max_length)
+        encoder = Encoder.from_config(cfg.encoder, model)
         codes, uniques = _factorize(calib["prompt"].astype(str).tolist())
         cvec = np.asarray(encoder.encode(uniques, batch_size=cfg.encoder.batch_size), np.float32)[codes]
         out[name] = operating_point(calib, test, name, cvec, tvec, cfg, cache)

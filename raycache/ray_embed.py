@@ -66,7 +66,7 @@ class EncodeBatch:
 
         cfg = EncoderConfig.model_validate(encoder_cfg)
         _set_threads(cfg.device, threads)
-        self.encoder = Encoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
+        self.encoder = Encoder.from_config(cfg)
         self.batch_size = cfg.batch_size
         self.column = column
 
@@ -85,7 +85,7 @@ class EncodeMulti:
 
         cfg = EncoderConfig.model_validate(encoder_cfg)
         _set_threads(cfg.device, threads)
-        self.encoders = [Encoder.load(m, device=cfg.device, max_length=cfg.max_length) for m in models]
+        self.encoders = [Encoder.from_config(cfg, m) for m in models]
         self.batch_size = cfg.batch_size
         self.column = column
 

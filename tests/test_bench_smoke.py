@@ -59,6 +59,20 @@ def test_int8_encoder_is_close_opt_in_and_inference_only(encoder, tmp_path):
         Encoder.load(device="cpu", precision="fp8")
 
 
+def test_encoder_precision_is_one_config_field_for_every_stage():
+    from raycache.config import ConfigError, EncoderConfig, ServeConfig, TrainConfig, build_config
+    from raycache.service.app import model_tag
+
+    cfg = EncoderConfig(device="cpu", precision="int8")
+    assert Encoder.from_config(cfg).precision == "int8"
+    assert Encoder.from_config(cfg.model_copy(update={"precision": "fp32"})).precision == "fp32"
+    # a served int8 cache keeps its own snapshots: fp32 vectors are not restored into it
+    serve = build_config(ServeConfig, {"encoder": {"precision": "int8"}})
+    assert model_tag(serve.encoder) == "default+int8" and model_tag(EncoderConfig()) == "default"
+    with pytest.raises(ConfigError, match="inference-only"):
+        build_config(TrainConfig, {"pairs": "p.jsonl", "out": "o", "encoder": {"precision": "int8"}})
+
+
 # ----------------------------------------------------------------------------- shared helpers
 def test_interleaved_alternates_order_and_tables_format():
     calls: list[str] = []

@@ -48,8 +48,10 @@ LATENCY_BUCKETS_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
 def model_tag(encoder_cfg: EncoderConfig) -> str:
-    """Which encoder made a snapshot's vectors: the model folder / id, or 'default'."""
-    return encoder_cfg.model or "default"
+    """Which encoder made a snapshot's vectors: the model folder / id, or 'default'; '+int8' when
+    quantised (its vectors differ from the fp32 model's)."""
+    tag = encoder_cfg.model or "default"
+    return tag if encoder_cfg.precision == "fp32" else f"{tag}+{encoder_cfg.precision}"
 
 
 class BatchedEncoder:
@@ -67,7 +69,7 @@ class BatchedEncoder:
 
             torch.set_num_threads(threads)
         cfg = EncoderConfig(**encoder_cfg)
-        self.encoder = Encoder.load(cfg.model, device=cfg.device, max_length=cfg.max_length)
+        self.encoder = Encoder.from_config(cfg)
         self.batch_size = cfg.batch_size
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)

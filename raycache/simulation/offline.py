@@ -86,7 +86,7 @@ def simulate_model(stream: pd.DataFrame, vectors: np.ndarray, cfg, mode: str,
         from raycache.cache.engine import policy_from_config
         from raycache.encoder import Encoder
 
-        encoder = Encoder.load(model, device=cfg.encoder.device, max_length=cfg.encoder.max_length)
+        encoder = Encoder.from_config(cfg.encoder, model)
         policy = policy_from_config(cfg.cache, encoder)
         calibrated, _ = replay_engine(replay_stream, cfg.cache, policy=policy, times=times,
                                       chunk_size=cfg.chunk_size)
