@@ -108,3 +108,42 @@ def test_snapshot_reads_each_vector_back_from_its_scope_index(tmp_path, index):
         ns, history = f"ns{i % 3}", None if i % 2 else [f"h{i % 5}"]
         got = loaded.check(f"x{i}", namespace=ns, history=history, vector=vectors[i])
         assert got.hit and got.response == f"r{i}" and got.similarity == pytest.approx(1, abs=1e-5)
+
+
+def test_a_batched_add_stores_what_one_add_per_entry_stores():
+    """EntryStore.add_many (a restore's path) = add + touch per entry, into an empty store and
+    into one with entries and free slots."""
+    from raycache.cache.scope import Scope
+    from raycache.cache.store import EntryStore, text_key
+
+    def rows(store: EntryStore, ids) -> list:
+        out = []
+        for i in ids:
+            s = store.slot(i)
+            out.append((store.prompts[s], store.responses[s], store.scope_of(s), store.created_at[s],
+                        store.last_access[s], np.nan_to_num(store.expires_at[s], nan=-1.0),
+                        store.exact_keys[s].tobytes()))
+        return out
+
+    scope = Scope("tenant", "h1")
+    prompts = [f"p {i}" for i in range(40)]
+    keys = [text_key(p) for p in prompts]
+    created, used = np.arange(40.0), np.arange(40.0) + 100
+    expires = np.where(np.arange(40) % 3 == 0, np.nan, 500.0)
+    for before in (0, 7):  # an empty store; one holding entries, with a freed slot
+        one, many = EntryStore(initial_slots=16), EntryStore(initial_slots=16)
+        for store in (one, many):
+            for j in range(before):
+                store.add(1000 + j, f"old {j}", "r", Scope("other", ""), 0.0, None, text_key(f"old {j}"))
+            if before:
+                store.remove(1000)
+        for i in range(40):
+            slot = one.add(i + 1, prompts[i], f"r{i}", scope, created[i],
+                           None if np.isnan(expires[i]) else expires[i], keys[i])
+            one.touch(slot, used[i])
+        many.add_many(np.arange(1, 41), prompts, [f"r{i}" for i in range(40)], scope, keys, created, used, expires)
+        assert len(many) == len(one) == 40 + max(before - 1, 0)
+        assert rows(many, range(1, 41)) == rows(one, range(1, 41))
+        assert many.find_exact(scope, keys[5]) == many.slot(6) and many.scope_size(scope) == 40
+        with pytest.raises(ValueError, match="unique"):
+            many.add_many(np.array([3]), ["x"], ["y"], scope, [text_key("x")], *np.zeros((3, 1)))

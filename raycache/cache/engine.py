@@ -634,16 +634,23 @@ class SemanticCache:
             newest = {}  # a newer duplicate wins (lists are oldest first)
             for i, (code, key) in enumerate(zip(code_of, keys)):
                 newest[(root_of[code], key)] = i
-            ids, created = snap.ids.tolist(), snap.created_at.tolist()  # Python numbers, once
-            last_access, expires_at = snap.last_access.tolist(), snap.expires_at.tolist()
-            rows_of: dict[int, list[int]] = {}
-            for i in sorted(newest.values()):
+            kept = np.asarray(sorted(newest.values()), np.int64)  # oldest first
+            everything = len(kept) == len(snap) and len(distinct) == 1  # the common case: no copies
+            kept_codes = np.asarray(code_of, np.int64)[kept]
+            for code in dict.fromkeys(kept_codes.tolist()):  # per scope: one batched store and index add
+                rows = kept if everything else kept[kept_codes == code]
+                picks = rows.tolist()
+                self.entries.add_many(
+                    snap.ids[rows], snap.prompts if everything else [snap.prompts[i] for i in picks],
+                    snap.responses if everything else [snap.responses[i] for i in picks], distinct[code],
+                    keys if everything else [keys[i] for i in picks], snap.created_at[rows],
+                    snap.last_access[rows], snap.expires_at[rows])
+                self._add_vectors(distinct[code], snap.ids[rows].astype(np.int64),
+                                  vectors if everything else vectors[rows])
+            expires_at = snap.expires_at.tolist()
+            for i, entry_id in zip(kept.tolist(), snap.ids[kept].tolist()):  # recency: oldest first
                 expires = expires_at[i]
-                self._insert(ids[i], snap.prompts[i], snap.responses[i], distinct[code_of[i]], keys[i],
-                             created[i], None if math.isnan(expires) else expires, last_access=last_access[i])
-                rows_of.setdefault(code_of[i], []).append(i)
-            for code, rows in rows_of.items():  # one batched add per scope index
-                self._add_vectors(distinct[code], snap.ids[rows].astype(np.int64), vectors[rows])
+                self.eviction.admit(entry_id, None if math.isnan(expires) else expires)
             self._next_id = max(int(snap.meta.get("next_id", 1)), int(snap.ids.max(initial=0)) + 1)
             self._purge_expired(self.clock())
             for victim in self.eviction.pop_over_capacity():
